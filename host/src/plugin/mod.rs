@@ -1,0 +1,282 @@
+//! Loading driver plugins: hash, open, check the ABI, attach the host's services.
+//!
+//! Each library is opened with `lib_header_from_path` + `init_root_module`, never with
+//! `RootModule::load_from_file`: the latter caches one module per interface type for the whole
+//! process, so a second driver would silently come back as the first. Libraries are never
+//! unloaded (their code may still be on some thread's stack).
+
+pub mod catalogue;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use abi_stable::library::{lib_header_from_path, LibraryError, RootModule};
+use driver_abi::ffi::{DriverModuleRef, ABI_VERSION};
+use driver_abi::import::ImportedDriver;
+use driver_abi::{DriverError, InstanceSet};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+pub use catalogue::{Catalogue, CatalogueError, InstanceSetEntry, PluginEntry};
+
+/// Why a plugin was refused: one sentence each; the full abi_stable report goes to the debug log.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("plugin {name}: {} does not exist", path.display())]
+    Missing { name: String, path: PathBuf },
+    #[error("plugin {name}: cannot read {}: {source}", path.display())]
+    Unreadable {
+        name: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "plugin {name}: {} has sha256 {actual}, but plugins.toml pins {expected}; refusing to load it",
+        path.display()
+    )]
+    HashMismatch {
+        name: String,
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("plugin {name}: {} is not a dispatch-cloud driver plugin ({detail})", path.display())]
+    NotAPlugin {
+        name: String,
+        path: PathBuf,
+        detail: String,
+    },
+    #[error(
+        "plugin {name}: {} was built against driver-abi {plugin_version}, this host has {host_version}: {detail}",
+        path.display()
+    )]
+    Incompatible {
+        name: String,
+        path: PathBuf,
+        plugin_version: String,
+        host_version: String,
+        detail: String,
+    },
+}
+
+/// A driver library that passed every check.
+#[derive(Clone)]
+pub struct LoadedPlugin {
+    /// Name in the catalogue.
+    pub name: String,
+    pub path: PathBuf,
+    pub sha256: String,
+    /// What the driver calls itself, and its version.
+    pub driver_name: String,
+    pub driver_version: String,
+    /// The `driver-abi` version the plugin was built against.
+    pub abi_version: String,
+    driver: ImportedDriver,
+}
+
+/// What `dispatch-cloud plugins --json` prints per plugin.
+#[derive(Debug, Serialize)]
+pub struct PluginView {
+    pub name: String,
+    pub driver: String,
+    pub driver_version: String,
+    pub abi_version: String,
+    pub path: String,
+    pub sha256: String,
+}
+
+impl LoadedPlugin {
+    pub fn view(&self) -> PluginView {
+        PluginView {
+            name: self.name.clone(),
+            driver: self.driver_name.clone(),
+            driver_version: self.driver_version.clone(),
+            abi_version: self.abi_version.clone(),
+            path: self.path.display().to_string(),
+            sha256: self.sha256.clone(),
+        }
+    }
+
+    /// Creates an instance set on this driver. Blocking: call from a blocking thread.
+    pub fn new_instance_set(
+        &self,
+        entry: &InstanceSetEntry,
+        shared_tags: &driver_abi::Tags,
+    ) -> Result<Box<dyn InstanceSet>, DriverError> {
+        self.driver
+            .new_instance_set(&entry.parameters, &entry.set_id, shared_tags)
+    }
+}
+
+fn sha256_of(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// The lines of an abi_stable layout report an operator needs: what was expected and found.
+fn summarize_abi_report(report: &str) -> String {
+    let mut picked: Vec<String> = Vec::new();
+    for line in report.lines() {
+        let line = line.trim();
+        let interesting = ["Error:", "Expected:", "Found:"]
+            .iter()
+            .any(|p| line.starts_with(p));
+        if interesting && !picked.iter().any(|l| l == line) {
+            picked.push(line.to_string());
+        }
+        if picked.len() >= 3 {
+            break;
+        }
+    }
+    if picked.is_empty() {
+        report.lines().next().unwrap_or("layout mismatch").trim().to_string()
+    } else {
+        format!("first mismatch: {}", picked.join(" "))
+    }
+}
+
+/// Loads one plugin: the file must exist, match its pinned hash (checked before the library is
+/// opened, so a tampered file never runs), export a dispatch-cloud root module, and have been
+/// built against a compatible `driver-abi`.
+pub fn load(entry: &PluginEntry) -> Result<LoadedPlugin, LoadError> {
+    let name = entry.name.clone();
+    let path = entry.path.clone();
+    if !path.is_file() {
+        return Err(LoadError::Missing { name, path });
+    }
+    let sha256 = sha256_of(&path).map_err(|source| LoadError::Unreadable {
+        name: name.clone(),
+        path: path.clone(),
+        source,
+    })?;
+    if let Some(expected) = &entry.sha256 {
+        if *expected != sha256 {
+            return Err(LoadError::HashMismatch {
+                name,
+                path,
+                expected: expected.clone(),
+                actual: sha256,
+            });
+        }
+    }
+    let not_a_plugin = |detail: String| LoadError::NotAPlugin {
+        name: name.clone(),
+        path: path.clone(),
+        detail,
+    };
+    let header = lib_header_from_path(&path).map_err(|e| {
+        log::debug!("plugin={name} abi_stable report:\n{e}");
+        match e {
+            LibraryError::OpenError { err, .. } => not_a_plugin(format!("cannot open it: {err}")),
+            LibraryError::GetSymbolError { .. } => {
+                not_a_plugin("it exports no abi_stable root module".into())
+            }
+            LibraryError::InvalidAbiHeader(h) => not_a_plugin(format!(
+                "it was built with an incompatible abi_stable (header {h:?})"
+            )),
+            other => not_a_plugin(first_line(&other.to_string())),
+        }
+    })?;
+    let plugin_version = header.version_strings().version.to_string();
+    let incompatible = |detail: String| LoadError::Incompatible {
+        name: name.clone(),
+        path: path.clone(),
+        plugin_version: plugin_version.clone(),
+        host_version: ABI_VERSION.to_string(),
+        detail,
+    };
+    if header.root_mod_consts().name() != DriverModuleRef::NAME {
+        return Err(not_a_plugin(format!(
+            "its root module is {:?}, not a dispatch-cloud driver",
+            header.root_mod_consts().name()
+        )));
+    }
+    let module = header.init_root_module::<DriverModuleRef>().map_err(|e| {
+        let report = e.to_string();
+        log::debug!("plugin={name} abi_stable report:\n{report}");
+        match e {
+            LibraryError::IncompatibleVersionNumber { .. } => {
+                incompatible("the versions are not compatible (0.x plugins need the same minor version)".into())
+            }
+            LibraryError::AbiInstability(_) => incompatible(summarize_abi_report(&report)),
+            _ => incompatible(first_line(&report)),
+        }
+    })?;
+    let driver = ImportedDriver::new(module);
+    let driver_name = driver.name();
+    driver.attach_logger(&driver_name);
+    log::info!(
+        "Loaded plugin {name} (driver {driver_name} {}, driver-abi {plugin_version}) from {}.",
+        driver.version(),
+        path.display()
+    );
+    Ok(LoadedPlugin {
+        name,
+        path,
+        sha256,
+        driver_version: driver.version(),
+        driver_name,
+        abi_version: plugin_version.clone(),
+        driver,
+    })
+}
+
+fn first_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("unknown error")
+        .to_string()
+}
+
+/// Loads every plugin of the catalogue; a refusal of one does not stop the others.
+pub fn load_all(catalogue: &Catalogue) -> Vec<Result<LoadedPlugin, LoadError>> {
+    catalogue.plugins.iter().map(load).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn abi_reports_are_cut_to_what_differs() {
+        let report = "\
+Compatibility Error:
+
+    Error:Too many fields
+    Expected:
+        7
+    Found:
+        8
+    Error:Too many fields
+more lines
+";
+        assert_eq!(
+            summarize_abi_report(report),
+            "first mismatch: Error:Too many fields Expected: Found:"
+        );
+    }
+
+    #[test]
+    fn missing_files_are_refused_before_anything_else() {
+        let entry = PluginEntry {
+            name: "ghost".into(),
+            path: "/nonexistent/libghost.so".into(),
+            sha256: None,
+        };
+        let err = load(&entry).err().expect("refused");
+        assert_eq!(
+            err.to_string(),
+            "plugin ghost: /nonexistent/libghost.so does not exist"
+        );
+    }
+}

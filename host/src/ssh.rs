@@ -1,0 +1,329 @@
+//! The SSH executor: one multiplexed russh connection per VM, a new channel per command.
+//!
+//! A connection is used only after the VM's host key is verified: by the driver when it can
+//! (`verify_host_key`), otherwise by reading the instance secret the host wrote at boot and
+//! comparing it with the VM's secret tag. An unverified key is never accepted.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use driver_abi::DriverError;
+use russh::client::{self, Handle};
+use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use russh::ChannelMsg;
+
+use crate::instance_secret;
+
+/// What the executor needs to know about the VM it talks to. Implemented over a driver
+/// instance (`DriverTarget`) and by test targets.
+pub trait Target: Send + Sync {
+    /// `host:port` or `host`; empty while the cloud has not assigned one.
+    fn address(&self) -> String;
+    fn remote_user(&self) -> String;
+    /// The driver's verdict on `host_key` (`ssh-ed25519 AAAA…`). Blocking.
+    fn verify_host_key(&self, host_key: &str) -> Result<(), DriverError>;
+    /// The secret tag set at create, if any.
+    fn instance_secret(&self) -> Option<String>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    #[error("instance has no address yet")]
+    NoAddress,
+    #[error("connect to {address}: {message}")]
+    Connect { address: String, message: String },
+    #[error("authentication as {user} at {address} refused")]
+    AuthRefused { address: String, user: String },
+    #[error("host key of {address} refused: {reason}")]
+    HostKeyRefused { address: String, reason: String },
+    #[error("ssh session to {address}: {message}")]
+    Session { address: String, message: String },
+}
+
+/// stdout, stderr and exit status of one command.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommandOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// `None` when the server closed the channel without an exit status (e.g. killed by signal
+    /// without the server reporting it).
+    pub exit_status: Option<u32>,
+}
+
+impl CommandOutput {
+    pub fn success(&self) -> bool {
+        self.exit_status == Some(0)
+    }
+}
+
+/// Default dial timeout (the original dispatcher's).
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct KeyCapture {
+    /// The key presented in the handshake; verified by the executor before the connection is
+    /// handed out. std mutex: set once in the callback, read after the handshake.
+    presented: Arc<Mutex<Option<String>>>,
+}
+
+impl client::Handler for KeyCapture {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        server_public_key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let PublicKeyOrCertificate::PublicKey { key, .. } = server_public_key else {
+            // Certificates are not part of our trust model.
+            return Ok(false);
+        };
+        let text = key.to_openssh().map_err(|_| russh::Error::KeyChanged { line: 0 })?;
+        if let Ok(mut slot) = self.presented.lock() {
+            *slot = Some(text);
+        }
+        Ok(true)
+    }
+}
+
+/// Executes commands on one VM.
+pub struct Executor {
+    target: Arc<dyn Target>,
+    key: Arc<PrivateKey>,
+    dial_timeout: Duration,
+    /// tokio mutex: held across the dial so concurrent reconnects coalesce into one.
+    connection: tokio::sync::Mutex<Option<Handle<KeyCapture>>>,
+    /// The key that passed verification; a different key later is verified afresh.
+    verified_key: Mutex<Option<String>>,
+}
+
+impl Executor {
+    pub fn new(target: Arc<dyn Target>, key: Arc<PrivateKey>) -> Self {
+        Executor {
+            target,
+            key,
+            dial_timeout: DIAL_TIMEOUT,
+            connection: tokio::sync::Mutex::new(None),
+            verified_key: Mutex::new(None),
+        }
+    }
+
+    pub fn with_dial_timeout(mut self, timeout: Duration) -> Self {
+        self.dial_timeout = timeout;
+        self
+    }
+
+    /// Runs `command` with `stdin`, reconnecting once if the existing connection is broken.
+    pub async fn execute(&self, command: &str, stdin: &[u8]) -> Result<CommandOutput, SshError> {
+        let mut guard = self.connection.lock().await;
+        if let Some(handle) = guard.as_ref() {
+            if !handle.is_closed() {
+                // Only a failure to open the channel is retried: after that, the command may
+                // have run, and running it twice is worse than reporting the error.
+                match handle.channel_open_session().await {
+                    Ok(channel) => {
+                        return run_on(channel, command, stdin)
+                            .await
+                            .map_err(|message| SshError::Session {
+                                address: self.target.address(),
+                                message,
+                            })
+                    }
+                    Err(e) => log::debug!("Existing SSH connection failed ({e}); reconnecting."),
+                }
+            }
+        }
+        *guard = None;
+        let handle = self.connect().await?;
+        let result = run(&handle, command, stdin).await;
+        *guard = Some(handle);
+        result.map_err(|message| SshError::Session {
+            address: self.target.address(),
+            message,
+        })
+    }
+
+    /// Drops the connection (e.g. when the VM is gone).
+    pub async fn close(&self) {
+        if let Some(handle) = self.connection.lock().await.take() {
+            let _ = handle
+                .disconnect(russh::Disconnect::ByApplication, "", "en")
+                .await;
+        }
+    }
+
+    async fn connect(&self) -> Result<Handle<KeyCapture>, SshError> {
+        let address = self.target.address();
+        if address.is_empty() {
+            return Err(SshError::NoAddress);
+        }
+        let dial_address = if address.contains(':') {
+            address.clone()
+        } else {
+            format!("{address}:22")
+        };
+        let presented = Arc::new(Mutex::new(None));
+        let config = Arc::new(client::Config {
+            inactivity_timeout: None,
+            keepalive_interval: Some(Duration::from_secs(30)),
+            ..Default::default()
+        });
+        let connect_error = |message: String| SshError::Connect {
+            address: address.clone(),
+            message,
+        };
+        let mut handle = tokio::time::timeout(
+            self.dial_timeout,
+            client::connect(
+                config,
+                dial_address.as_str(),
+                KeyCapture {
+                    presented: Arc::clone(&presented),
+                },
+            ),
+        )
+        .await
+        .map_err(|_| connect_error(format!("timed out after {:?}", self.dial_timeout)))?
+        .map_err(|e| connect_error(e.to_string()))?;
+
+        let user = self.target.remote_user();
+        let auth = handle
+            .authenticate_publickey(
+                user.clone(),
+                PrivateKeyWithHashAlg::new(Arc::clone(&self.key), None),
+            )
+            .await
+            .map_err(|e| connect_error(e.to_string()))?;
+        if !auth.success() {
+            return Err(SshError::AuthRefused { address, user });
+        }
+
+        let host_key = presented
+            .lock()
+            .ok()
+            .and_then(|k| k.clone())
+            .ok_or_else(|| SshError::HostKeyRefused {
+                address: address.clone(),
+                reason: "the server presented no key".into(),
+            })?;
+        self.verify(&handle, &address, &user, &host_key).await?;
+        Ok(handle)
+    }
+
+    async fn verify(
+        &self,
+        handle: &Handle<KeyCapture>,
+        address: &str,
+        user: &str,
+        host_key: &str,
+    ) -> Result<(), SshError> {
+        let already = self
+            .verified_key
+            .lock()
+            .map(|k| k.as_deref() == Some(host_key))
+            .unwrap_or(false);
+        if already {
+            return Ok(());
+        }
+        let refused = |reason: String| SshError::HostKeyRefused {
+            address: address.to_string(),
+            reason,
+        };
+        let target = Arc::clone(&self.target);
+        let key = host_key.to_string();
+        let verdict = tokio::task::spawn_blocking(move || target.verify_host_key(&key))
+            .await
+            .map_err(|e| refused(format!("driver check did not finish: {e}")))?;
+        match verdict {
+            Ok(()) => {}
+            Err(DriverError::NotImplemented { .. }) => {
+                let Some(secret) = self.target.instance_secret() else {
+                    return Err(refused(
+                        "the driver cannot verify host keys and the instance has no secret tag".into(),
+                    ));
+                };
+                let out = run(handle, &instance_secret::read_command(user), b"")
+                    .await
+                    .map_err(|e| refused(format!("reading the instance secret: {e}")))?;
+                if !out.success() || out.stdout != secret.as_bytes() {
+                    return Err(refused("the instance secret on the VM does not match its tag".into()));
+                }
+            }
+            Err(e) => return Err(refused(e.to_string())),
+        }
+        if let Ok(mut slot) = self.verified_key.lock() {
+            *slot = Some(host_key.to_string());
+        }
+        Ok(())
+    }
+}
+
+async fn run(
+    handle: &Handle<KeyCapture>,
+    command: &str,
+    stdin: &[u8],
+) -> Result<CommandOutput, String> {
+    let channel = handle
+        .channel_open_session()
+        .await
+        .map_err(|e| format!("open channel: {e}"))?;
+    run_on(channel, command, stdin).await
+}
+
+async fn run_on(
+    mut channel: russh::Channel<client::Msg>,
+    command: &str,
+    stdin: &[u8],
+) -> Result<CommandOutput, String> {
+    channel
+        .exec(true, command)
+        .await
+        .map_err(|e| format!("exec: {e}"))?;
+    if !stdin.is_empty() {
+        channel
+            .data(stdin)
+            .await
+            .map_err(|e| format!("stdin: {e}"))?;
+    }
+    channel.eof().await.map_err(|e| format!("stdin eof: {e}"))?;
+    let mut out = CommandOutput::default();
+    while let Some(msg) = channel.wait().await {
+        match msg {
+            ChannelMsg::Data { data } => out.stdout.extend_from_slice(&data),
+            ChannelMsg::ExtendedData { data, ext: 1 } => out.stderr.extend_from_slice(&data),
+            ChannelMsg::ExitStatus { exit_status } => out.exit_status = Some(exit_status),
+            ChannelMsg::Failure => return Err("the server refused the command".into()),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// A driver instance as an SSH target.
+pub struct DriverTarget {
+    pub instance: Arc<dyn driver_abi::Instance>,
+}
+
+impl Target for DriverTarget {
+    fn address(&self) -> String {
+        self.instance.address()
+    }
+
+    fn remote_user(&self) -> String {
+        self.instance.remote_user()
+    }
+
+    fn verify_host_key(&self, host_key: &str) -> Result<(), DriverError> {
+        self.instance.verify_host_key(host_key)
+    }
+
+    fn instance_secret(&self) -> Option<String> {
+        self.instance
+            .tags()
+            .get(instance_secret::TAG)
+            .cloned()
+    }
+}
+
+/// Generates an ed25519 key pair for the dispatcher.
+pub fn generate_key() -> Result<PrivateKey, russh::keys::ssh_key::Error> {
+    PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)
+}
