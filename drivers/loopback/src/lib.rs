@@ -105,6 +105,7 @@ impl Driver for LoopbackDriver {
     }
 }
 
+#[cfg(feature = "export")]
 driver_abi::export_driver!(LoopbackDriver);
 
 struct SetInner {

@@ -291,7 +291,7 @@ faults = { boot_delay_ms = 5 }
     fn refusals_name_file_line_and_key() {
         let rows: &[(&str, &str, &[&str])] = &[
             ("name = \"loopback\"\npath", "name = \"loopback\"\npaht", &["plugins.toml", "line 4", "paht"]),
-            ("zzzzz-zzzzz-zzzzzzzzzzzzzzz", "zzzzz-zzzzz-zzz", &["plugins.toml:10", "instance_sets[0].set_id", "5-5-15"]),
+            ("zzzzz-zzzzz-zzzzzzzzzzzzzzz", "zzzzz-zzzzz-zzz", &["plugins.toml:10", "instance_sets[0].set_id", "5, 5 and 15"]),
             ("driver = \"loopback\"", "driver = \"aws\"", &[":9:", "instance_sets[0].driver", "no plugin named \"aws\""]),
             ("sha256 = \"ABCDEF", "sha256 = \"XYZ", &[":5:", "plugins[0].sha256", "64 hex digits"]),
         ];

@@ -122,25 +122,86 @@ fn sha256_of(path: &Path) -> std::io::Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
-/// The lines of an abi_stable layout report an operator needs: what was expected and found.
+/// One `Error:` block of an abi_stable layout report.
+#[derive(Default)]
+struct Mismatch {
+    context: String,
+    error: String,
+    expected: Vec<String>,
+    found: Vec<String>,
+}
+
+/// `field_name:x` + `type:T` lines become `x: T`; plain values stay as they are.
+fn describe(lines: &[String]) -> String {
+    let field = lines.iter().find_map(|l| l.strip_prefix("field_name:"));
+    let ty = lines.iter().find_map(|l| l.strip_prefix("type:"));
+    match (field, ty) {
+        (Some(f), Some(t)) => format!("field `{f}: {t}`"),
+        _ => lines.first().cloned().unwrap_or_default(),
+    }
+}
+
+/// Cuts abi_stable's layout report (hundreds of lines) to the first difference an operator
+/// can act on: preferably a field that differs, with the type that holds it.
 fn summarize_abi_report(report: &str) -> String {
-    let mut picked: Vec<String> = Vec::new();
-    for line in report.lines() {
-        let line = line.trim();
-        let interesting = ["Error:", "Expected:", "Found:"]
-            .iter()
-            .any(|p| line.starts_with(p));
-        if interesting && !picked.iter().any(|l| l == line) {
-            picked.push(line.to_string());
+    enum Section {
+        None,
+        Expected,
+        Found,
+    }
+    let mut context = String::new();
+    let mut awaiting_context = false;
+    let mut blocks: Vec<Mismatch> = Vec::new();
+    let mut section = Section::None;
+    for raw in report.lines() {
+        let line = raw.trim();
+        if line.starts_with("Layout of expected type") {
+            awaiting_context = true;
+            continue;
         }
-        if picked.len() >= 3 {
-            break;
+        if awaiting_context {
+            if let Some(t) = line.strip_prefix("type:") {
+                context = t.to_string();
+                awaiting_context = false;
+            }
+            continue;
+        }
+        if let Some(error) = line.strip_prefix("Error:") {
+            blocks.push(Mismatch {
+                context: context.clone(),
+                error: error.trim().to_string(),
+                ..Default::default()
+            });
+            section = Section::None;
+        } else if line == "Expected:" {
+            section = Section::Expected;
+        } else if line == "Found:" {
+            section = Section::Found;
+        } else if line.is_empty() || line.contains("error(s)") {
+            section = Section::None;
+        } else if let Some(block) = blocks.last_mut() {
+            match section {
+                Section::Expected => block.expected.push(line.to_string()),
+                Section::Found => block.found.push(line.to_string()),
+                Section::None => {}
+            }
         }
     }
-    if picked.is_empty() {
-        report.lines().next().unwrap_or("layout mismatch").trim().to_string()
-    } else {
-        format!("first mismatch: {}", picked.join(" "))
+    let count = blocks.len();
+    let chosen = blocks
+        .iter()
+        .find(|b| b.expected.iter().any(|l| l.starts_with("field_name:")))
+        .or(blocks.first());
+    match chosen {
+        Some(b) => format!(
+            "first mismatch in {}: {}: host expects {}, plugin has {} ({count} difference(s); \
+             the full report is logged at debug level)",
+            if b.context.is_empty() { "the root module" } else { &b.context },
+            b.error,
+            describe(&b.expected),
+            describe(&b.found),
+        ),
+        None => first_line(report),
     }
 }
 
@@ -248,21 +309,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn abi_reports_are_cut_to_what_differs() {
+    fn abi_reports_are_cut_to_the_first_differing_field() {
         let report = "\
 Compatibility Error:
-
-    Error:Too many fields
+    Error:incompatible type size
     Expected:
-        7
+        288
     Found:
-        8
-    Error:Too many fields
-more lines
+        296
+    9 error(s)inside:
+    Layout of expected type:
+        --- Type Layout ---
+        type:FfiInstanceType
+        size:152 align:8
+    Error:too many fields
+    Expected:
+        10
+    Found:
+        11
+
+    Error:unexpected field
+    Expected:
+        field_name:ram_bytes
+        type:u64
+    Found:
+        field_name:gpu_vram_bytes
+        type:u64
 ";
         assert_eq!(
             summarize_abi_report(report),
-            "first mismatch: Error:Too many fields Expected: Found:"
+            "first mismatch in FfiInstanceType: unexpected field: host expects field \
+             `ram_bytes: u64`, plugin has field `gpu_vram_bytes: u64` (3 difference(s); \
+             the full report is logged at debug level)"
+        );
+        assert_eq!(
+            summarize_abi_report("    Error:incompatible type size\n    Expected:\n        288\n    Found:\n        296\n"),
+            "first mismatch in the root module: incompatible type size: host expects 288, \
+             plugin has 296 (1 difference(s); the full report is logged at debug level)"
         );
     }
 
