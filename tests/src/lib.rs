@@ -1,1 +1,201 @@
+//! Helpers for the whole-system tests. These tests use what `cargo build --workspace` produced
+//! (the `dispatch-cloud` binary, the driver `.so` files, the `loopback-cloud` daemon), so run
+//! them through the README's test command, which builds first.
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
+
+use dispatch_cloud::plugin::{self, Catalogue, InstanceSetEntry, LoadedPlugin};
+use dispatch_cloud_loopback::protocol::{Request, SOCKET_NAME};
+use driver_abi::InstanceSet;
+
+/// `target/debug` (or whichever profile built this test).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test-binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_path_buf()
+}
+
+pub fn built(file: &str) -> PathBuf {
+    let path = target_dir().join(file);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` before the tests (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+pub fn loopback_so() -> PathBuf {
+    built("libdispatch_cloud_loopback.so")
+}
+
+pub fn probe_so() -> PathBuf {
+    built("libdispatch_cloud_probe.so")
+}
+
+pub fn sha256_hex(path: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).expect("read file")))
+}
+
+/// Runs the real `dispatch-cloud` binary.
+pub fn cli(args: &[&str]) -> Output {
+    Command::new(built("dispatch-cloud"))
+        .args(args)
+        .output()
+        .expect("run dispatch-cloud")
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A loopback cloud in a temporary directory; its daemon is told to stop, and killed if it
+/// does not, when this is dropped.
+pub struct LoopbackCloud {
+    pub dir: tempfile::TempDir,
+}
+
+impl LoopbackCloud {
+    pub fn new() -> Self {
+        // Short path: Unix socket paths are limited to 108 bytes.
+        let dir = tempfile::Builder::new()
+            .prefix("lbc")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        LoopbackCloud { dir }
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The `parameters` table for an instance set on this cloud, with extra TOML lines.
+    pub fn parameters_toml(&self, extra: &str) -> String {
+        format!(
+            "state_dir = {:?}\ndaemon_path = {:?}\nidle_exit_seconds = 120\n{extra}\n",
+            self.state_dir().display().to_string(),
+            built("loopback-cloud").display().to_string()
+        )
+    }
+
+    pub fn daemon_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.state_dir().join("daemon.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+
+    /// Asks the daemon to exit (VMs stay on disk) and waits until it has.
+    pub fn stop_daemon(&self) {
+        let pid = self.daemon_pid();
+        if let Ok(mut s) = UnixStream::connect(self.state_dir().join(SOCKET_NAME)) {
+            let mut line = serde_json::to_string(&Request::Shutdown).expect("json");
+            line.push('\n');
+            let _ = s.write_all(line.as_bytes());
+            let mut reply = String::new();
+            let _ = BufReader::new(s).read_line(&mut reply);
+        }
+        if let Some(pid) = pid {
+            for _ in 0..200 {
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+        }
+    }
+}
+
+impl Default for LoopbackCloud {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for LoopbackCloud {
+    fn drop(&mut self) {
+        self.stop_daemon();
+    }
+}
+
+/// Writes `plugins.toml` into `dir` and returns its path.
+pub fn write_plugins_toml(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("plugins.toml");
+    std::fs::write(&path, text).expect("write plugins.toml");
+    path
+}
+
+/// A catalogue with the loopback plugin and one instance set `name` on `cloud`.
+pub fn loopback_catalogue_text(cloud: &LoopbackCloud, set_id: &str, extra_params: &str) -> String {
+    format!(
+        "[[plugins]]\nname = \"loopback\"\npath = {:?}\n\n[[instance_sets]]\nname = \"test\"\ndriver = \"loopback\"\nset_id = \"{set_id}\"\n[instance_sets.parameters]\n{}",
+        loopback_so().display().to_string(),
+        cloud.parameters_toml(extra_params)
+    )
+}
+
+/// Loads the loopback plugin in this process and opens instance set `test` on `cloud`.
+pub fn loopback_set(
+    cloud: &LoopbackCloud,
+    set_id: &str,
+    extra_params: &str,
+) -> (LoadedPlugin, InstanceSetEntry, Arc<dyn InstanceSet>) {
+    let file = write_plugins_toml(cloud.state_dir(), &loopback_catalogue_text(cloud, set_id, extra_params));
+    let catalogue = Catalogue::load(&file).expect("catalogue");
+    let loaded = plugin::load(catalogue.plugin("loopback").expect("plugin entry")).expect("load");
+    let entry = catalogue.instance_set("test").expect("set").clone();
+    let set = loaded
+        .new_instance_set(&entry, &Default::default())
+        .expect("instance set");
+    (loaded, entry, Arc::from(set))
+}
+
+static FIXTURE_BUILD: Mutex<()> = Mutex::new(());
+
+/// Builds a fixture crate that lives outside the workspace, as its author would, and returns
+/// its `.so`. Uses its own target directory: the workspace's is locked while tests run.
+pub fn build_fixture(crate_dir: &str, library: &str) -> PathBuf {
+    let _one_at_a_time = FIXTURE_BUILD.lock().unwrap_or_else(|p| p.into_inner());
+    let manifest = workspace_root().join("tests/fixtures").join(crate_dir).join("Cargo.toml");
+    let target = workspace_root().join("target/fixtures");
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .arg("build")
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .arg("--target-dir")
+        .arg(&target)
+        .output()
+        .expect("run cargo");
+    assert!(
+        out.status.success(),
+        "building {crate_dir} failed:\n{}",
+        text(&out.stderr)
+    );
+    let so = target.join("debug").join(library);
+    assert!(so.exists(), "{} not produced", so.display());
+    so
+}
+
+/// Resident memory of a process in KiB.
+pub fn rss_kib(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}

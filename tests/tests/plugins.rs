@@ -1,0 +1,226 @@
+//! Plugin loading through the real binary and in-process: catalogue, hashes, refusals, two
+//! drivers side by side, and panics contained at the boundary.
+
+use dispatch_cloud::plugin::{self, Catalogue, PluginEntry};
+use driver_abi::{CreateRequest, DriverError, InstanceType, Tags};
+use system_tests::*;
+
+fn entry(name: &str, path: std::path::PathBuf, sha256: Option<String>) -> PluginEntry {
+    PluginEntry {
+        name: name.into(),
+        path,
+        sha256,
+    }
+}
+
+fn small() -> InstanceType {
+    InstanceType {
+        name: "small".into(),
+        provider_type: "lb.small".into(),
+        vcpus: 1,
+        ram_bytes: 1 << 30,
+        included_scratch_bytes: 0,
+        added_scratch_bytes: 0,
+        gpu_count: 0,
+        gpu_kind: String::new(),
+        price: 0.01,
+        preemptible: false,
+    }
+}
+
+fn create_request() -> CreateRequest {
+    CreateRequest {
+        instance_type: small(),
+        image_id: "img".into(),
+        tags: Tags::new(),
+        init_command: String::new(),
+        public_key: None,
+    }
+}
+
+#[test]
+fn plugins_command_lists_the_repository_catalogue() {
+    let file = workspace_root().join("plugins.toml");
+    let out = cli(&["plugins", "--json", "--plugins", file.to_str().expect("utf8")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let loopback = &list[0];
+    assert_eq!(loopback["name"], "loopback");
+    assert_eq!(loopback["driver"], "loopback");
+    assert_eq!(loopback["abi_version"], driver_abi::ffi::ABI_VERSION);
+    assert_eq!(loopback["sha256"], sha256_hex(&loopback_so()));
+}
+
+#[test]
+fn a_pinned_hash_that_matches_loads() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = write_plugins_toml(
+        dir.path(),
+        &format!(
+            "[[plugins]]\nname = \"loopback\"\npath = {:?}\nsha256 = \"{}\"\n",
+            loopback_so().display().to_string(),
+            sha256_hex(&loopback_so()).to_uppercase()
+        ),
+    );
+    let out = cli(&["plugins", "--plugins", file.to_str().expect("utf8")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("loopback"));
+}
+
+/// Each refusal through the real binary: exit code non-zero, one clear sentence on stderr.
+#[test]
+fn refusals_are_one_clear_sentence_each() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let drifted = build_fixture("drifted-driver", "libdispatch_cloud_drifted.so");
+    let not_elf = dir.path().join("notes.so");
+    std::fs::write(&not_elf, "not a library").expect("write");
+    let libc = libc_path();
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        (
+            format!("path = {:?}\nsha256 = \"{}\"", probe_so().display().to_string(), "0".repeat(64)),
+            vec!["has sha256", "but plugins.toml pins 0000", "refusing to load it"],
+        ),
+        (
+            format!("path = {:?}", drifted.display().to_string()),
+            vec![
+                "was built against driver-abi 0.1.0, this host has 0.1.0",
+                "first mismatch in FfiInstanceType",
+                "gpu_vram_bytes",
+            ],
+        ),
+        (
+            format!("path = {:?}", libc.display().to_string()),
+            vec!["is not a dispatch-cloud driver plugin", "exports no abi_stable root module"],
+        ),
+        (
+            format!("path = {:?}", not_elf.display().to_string()),
+            vec!["is not a dispatch-cloud driver plugin", "cannot open it"],
+        ),
+        (
+            "path = \"/nonexistent/libgone.so\"".to_string(),
+            vec!["plugin bad: /nonexistent/libgone.so does not exist"],
+        ),
+    ];
+    for (plugin_lines, expected) in cases {
+        let file = write_plugins_toml(dir.path(), &format!("[[plugins]]\nname = \"bad\"\n{plugin_lines}\n"));
+        let out = cli(&["plugins", "--plugins", file.to_str().expect("utf8")]);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{plugin_lines}: accepted");
+        assert_eq!(stderr.lines().count(), 1, "one line, got:\n{stderr}");
+        for needle in expected {
+            assert!(stderr.contains(needle), "{plugin_lines}: {stderr:?} lacks {needle:?}");
+        }
+    }
+}
+
+#[test]
+fn unknown_keys_in_plugins_toml_name_file_line_and_key() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = write_plugins_toml(dir.path(), "[[plugins]]\nname = \"x\"\npath = \"x.so\"\nsha265 = \"00\"\n");
+    let out = cli(&["plugins", "--plugins", file.to_str().expect("utf8")]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success());
+    for needle in ["plugins.toml", "line 4", "sha265"] {
+        assert!(stderr.contains(needle), "{stderr:?} lacks {needle:?}");
+    }
+}
+
+fn libc_path() -> std::path::PathBuf {
+    // The C library mapped into this very process: a real shared object that is no plugin.
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.contains("/libc.so") || p.contains("/libc-"))
+        .map(std::path::PathBuf::from)
+        .expect("libc is mapped")
+}
+
+#[test]
+fn refused_plugins_leave_the_host_able_to_load_good_ones() {
+    let drifted = build_fixture("drifted-driver", "libdispatch_cloud_drifted.so");
+    for bad in [
+        entry("drifted", drifted, None),
+        entry("libc", libc_path(), None),
+        entry("pinned", probe_so(), Some("f".repeat(64))),
+    ] {
+        assert!(plugin::load(&bad).is_err(), "{} loaded", bad.name);
+    }
+    let good = plugin::load(&entry("probe", probe_so(), None)).expect("probe loads after refusals");
+    assert_eq!(good.driver_name, "probe");
+}
+
+#[test]
+fn two_plugins_in_one_process_each_answer_as_themselves() {
+    let cloud = LoopbackCloud::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = write_plugins_toml(
+        dir.path(),
+        &format!(
+            "{}\n[[plugins]]\nname = \"probe\"\npath = {:?}\n\n[[instance_sets]]\nname = \"p\"\ndriver = \"probe\"\nset_id = \"zzzzz-zzzzz-probe0000000000\"\n",
+            loopback_catalogue_text(&cloud, "zzzzz-zzzzz-twoplugins00000", ""),
+            probe_so().display().to_string()
+        ),
+    );
+    let catalogue = Catalogue::load(&file).expect("catalogue");
+    let loaded: Vec<_> = plugin::load_all(&catalogue)
+        .into_iter()
+        .map(|r| r.expect("loads"))
+        .collect();
+    assert_eq!(
+        loaded.iter().map(|p| (p.driver_name.as_str(), p.driver_version.as_str())).collect::<Vec<_>>(),
+        vec![("loopback", "0.1.0"), ("probe", "0.3.1")]
+    );
+    let lb = loaded[0]
+        .new_instance_set(catalogue.instance_set("test").expect("set"), &Tags::new())
+        .expect("loopback set");
+    let probe = loaded[1]
+        .new_instance_set(catalogue.instance_set("p").expect("set"), &Tags::new())
+        .expect("probe set");
+    assert_eq!(probe.quota_group(&small()), "probe-lb.small");
+    assert_eq!(lb.quota_group(&small()), "lb");
+    let vm = probe.create(&create_request()).expect("probe create");
+    assert_eq!(vm.id(), "probe-0");
+    let lb_vm = lb.create(&create_request()).expect("loopback create");
+    assert!(lb_vm.id().starts_with("lb-"), "{}", lb_vm.id());
+    assert_eq!(probe.instances(&Tags::new()).expect("list").len(), 1);
+    lb_vm.destroy().expect("destroy");
+}
+
+#[test]
+fn a_panicking_driver_returns_errors_and_the_host_keeps_running() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = write_plugins_toml(
+        dir.path(),
+        &format!(
+            "[[plugins]]\nname = \"probe\"\npath = {:?}\n\n\
+             [[instance_sets]]\nname = \"create\"\ndriver = \"probe\"\nset_id = \"zzzzz-zzzzz-panic0000000001\"\n[instance_sets.parameters]\npanic_on = \"create\"\n\n\
+             [[instance_sets]]\nname = \"init\"\ndriver = \"probe\"\nset_id = \"zzzzz-zzzzz-panic0000000002\"\n[instance_sets.parameters]\npanic_on = \"new_instance_set\"\n\n\
+             [[instance_sets]]\nname = \"group\"\ndriver = \"probe\"\nset_id = \"zzzzz-zzzzz-panic0000000003\"\n[instance_sets.parameters]\npanic_on = \"quota_group\"\n",
+            probe_so().display().to_string()
+        ),
+    );
+    let catalogue = Catalogue::load(&file).expect("catalogue");
+    let probe = plugin::load(catalogue.plugin("probe").expect("entry")).expect("load");
+
+    let set = probe
+        .new_instance_set(catalogue.instance_set("create").expect("set"), &Tags::new())
+        .expect("set");
+    let err = set.create(&create_request()).err().expect("create panicked");
+    assert_eq!(
+        err,
+        DriverError::other("driver panicked: probe driver told to panic in create")
+    );
+    // The same set still answers after the panic.
+    assert!(set.instances(&Tags::new()).expect("list after panic").is_empty());
+
+    let err = probe
+        .new_instance_set(catalogue.instance_set("init").expect("set"), &Tags::new())
+        .err()
+        .expect("init panicked");
+    assert!(err.to_string().contains("driver panicked"), "{err}");
+
+    let set = probe
+        .new_instance_set(catalogue.instance_set("group").expect("set"), &Tags::new())
+        .expect("set");
+    assert_eq!(set.quota_group(&small()), "", "a panic in a call without errors gives the neutral value");
+}
