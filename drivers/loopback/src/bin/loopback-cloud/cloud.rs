@@ -477,10 +477,29 @@ async fn run_vm(cloud: Arc<Cloud>, record: VmRecord, key: PrivateKey, listener: 
     }
 }
 
+/// Ends an SSH session when the VM task that owns it is aborted (destroy, crash): russh runs
+/// each session in a task of its own, which would otherwise outlive the VM.
+struct DisconnectOnDrop(Option<russh::server::Handle>);
+
+impl Drop for DisconnectOnDrop {
+    fn drop(&mut self) {
+        let (Some(handle), Ok(runtime)) = (self.0.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        runtime.spawn(async move {
+            let _ = handle
+                .disconnect(russh::Disconnect::ByApplication, "VM stopped".into(), "en".into())
+                .await;
+        });
+    }
+}
+
 async fn serve_session(config: Arc<russh::server::Config>, stream: TcpStream, shell: VmShell) {
     let vm = shell.vm_id.clone();
     match russh::server::run_stream(config, stream, shell).await {
         Ok(session) => {
+            let _guard = DisconnectOnDrop(Some(session.handle()));
             if let Err(e) = session.await {
                 log::debug!("vm={vm} session ended: {e:?}");
             }
