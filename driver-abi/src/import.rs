@@ -77,7 +77,11 @@ impl FfiHost for HostLogger {
             &log::Record::builder()
                 .target(&self.target)
                 .level(level)
-                .module_path(if module.is_empty() { None } else { Some(module) })
+                .module_path(if module.is_empty() {
+                    None
+                } else {
+                    Some(module)
+                })
                 .args(format_args!("{}", message.as_str()))
                 .build(),
         );
@@ -135,7 +139,10 @@ impl Instance for ImportedInstance {
     }
 
     fn set_tags(&self, tags: &Tags) -> Result<(), DriverError> {
-        self.0.set_tags(tags_to_ffi(tags)).into_result().map_err(Into::into)
+        self.0
+            .set_tags(tags_to_ffi(tags))
+            .into_result()
+            .map_err(Into::into)
     }
 
     fn destroy(&self) -> Result<(), DriverError> {
@@ -157,7 +164,10 @@ impl Instance for ImportedInstance {
             .map_err(Into::into)
     }
 
-    fn price_history(&self, instance_type: &InstanceType) -> Result<Vec<InstancePrice>, DriverError> {
+    fn price_history(
+        &self,
+        instance_type: &InstanceType,
+    ) -> Result<Vec<InstancePrice>, DriverError> {
         match self
             .0
             .price_history(FfiInstanceType::from(instance_type))

@@ -104,7 +104,10 @@ pub trait Instance: Send + Sync {
     /// `NotImplemented` when the driver cannot know the key: the host then checks the instance
     /// secret it wrote at boot instead.
     fn verify_host_key(&self, host_key: &str) -> Result<(), DriverError>;
-    fn price_history(&self, instance_type: &InstanceType) -> Result<Vec<InstancePrice>, DriverError>;
+    fn price_history(
+        &self,
+        instance_type: &InstanceType,
+    ) -> Result<Vec<InstancePrice>, DriverError>;
 }
 
 /// What the host offers a driver. Cheap to clone.

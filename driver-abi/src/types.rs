@@ -16,13 +16,12 @@ impl InstanceSetId {
     /// Validates the 5-5-15 form; the error says what is wrong with the given text.
     pub fn parse(text: &str) -> Result<Self, String> {
         let parts: Vec<&str> = text.split('-').collect();
-        let lengths_ok = parts.len() == 3
-            && parts[0].len() == 5
-            && parts[1].len() == 5
-            && parts[2].len() == 15;
-        let chars_ok = parts
-            .iter()
-            .all(|p| p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
+        let lengths_ok =
+            parts.len() == 3 && parts[0].len() == 5 && parts[1].len() == 5 && parts[2].len() == 15;
+        let chars_ok = parts.iter().all(|p| {
+            p.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        });
         if lengths_ok && chars_ok {
             Ok(InstanceSetId(text.to_string()))
         } else {

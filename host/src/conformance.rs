@@ -5,12 +5,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use driver_abi::{CapacityScope, CreateRequest, DriverError, Instance, InstanceSet, InstanceType, Tags};
+use driver_abi::{
+    CapacityScope, CreateRequest, DriverError, Instance, InstanceSet, InstanceType, Tags,
+};
 use russh::keys::PrivateKey;
 
+use crate::instance_secret;
 use crate::plugin::{InstanceSetEntry, LoadedPlugin};
 use crate::ssh::{DriverTarget, Executor};
-use crate::instance_secret;
 
 /// Tag marking VMs made by one run of the kit.
 pub const TEST_PID_TAG: &str = "dispatch-cloud-test-pid";
@@ -139,7 +141,10 @@ pub async fn run(
     run.record(
         "initialize the instance set",
         t,
-        Ok(format!("driver {} {}, set {}", plugin.driver_name, plugin.driver_version, entry.set_id)),
+        Ok(format!(
+            "driver {} {}, set {}",
+            plugin.driver_name, plugin.driver_version, entry.set_id
+        )),
     );
 
     if lifecycle(&mut run, &set, key, options).await && plugin.driver_name == "loopback" {
@@ -158,13 +163,20 @@ async fn list(set: &Arc<dyn InstanceSet>, filter: Tags) -> Result<Vec<Arc<dyn In
 }
 
 /// Lists until none of `filter`'s VMs remain, or `timeout`.
-async fn wait_gone(set: &Arc<dyn InstanceSet>, filter: &Tags, timeout: Duration) -> Result<(), String> {
+async fn wait_gone(
+    set: &Arc<dyn InstanceSet>,
+    filter: &Tags,
+    timeout: Duration,
+) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
         match list(set, filter.clone()).await {
             Ok(l) if l.is_empty() => return Ok(()),
             Ok(l) if Instant::now() >= deadline => {
-                return Err(format!("{} instance(s) still listed after {timeout:?}", l.len()))
+                return Err(format!(
+                    "{} instance(s) still listed after {timeout:?}",
+                    l.len()
+                ))
             }
             Err(e) if Instant::now() >= deadline => return Err(e),
             _ => tokio::time::sleep(Duration::from_millis(200)).await,
@@ -186,7 +198,11 @@ async fn lifecycle(
             return false;
         }
     };
-    run.record("list instances", t, Ok(format!("{} instance(s) in the set", existing.len())));
+    run.record(
+        "list instances",
+        t,
+        Ok(format!("{} instance(s) in the set", existing.len())),
+    );
 
     if !existing.is_empty() {
         let t = Instant::now();
@@ -208,7 +224,11 @@ async fn lifecycle(
             }
         }
         let gone = wait_gone(set, &Tags::new(), options.boot_timeout).await;
-        if !run.record("destroy existing instances", t, gone.map(|_| format!("{} destroyed", existing.len()))) {
+        if !run.record(
+            "destroy existing instances",
+            t,
+            gone.map(|_| format!("{} destroyed", existing.len())),
+        ) {
             return false;
         }
     }
@@ -242,7 +262,11 @@ async fn lifecycle(
         }
     };
     let id = instance.id();
-    run.record("create an instance", t, Ok(format!("{id} ({})", options.instance_type)));
+    run.record(
+        "create an instance",
+        t,
+        Ok(format!("{id} ({})", options.instance_type)),
+    );
 
     let mut filter = Tags::new();
     filter.insert(TEST_PID_TAG.into(), std::process::id().to_string());
@@ -251,11 +275,18 @@ async fn lifecycle(
     let listed = match list(set, filter.clone()).await {
         Ok(l) => match l.iter().find(|i| i.id() == id) {
             Some(found) => Ok(Arc::clone(found)),
-            None => Err(format!("{id} is not in the filtered list ({} listed)", l.len())),
+            None => Err(format!(
+                "{id} is not in the filtered list ({} listed)",
+                l.len()
+            )),
         },
         Err(e) => Err(e),
     };
-    let listed_ok = run.record("new instance appears in the filtered list", t, listed.as_ref().map(|_| id.clone()).map_err(Clone::clone));
+    let listed_ok = run.record(
+        "new instance appears in the filtered list",
+        t,
+        listed.as_ref().map(|_| id.clone()).map_err(Clone::clone),
+    );
     all_ok &= listed_ok;
 
     if let Ok(found) = &listed {
@@ -281,10 +312,15 @@ async fn lifecycle(
             match blocking(move || i.set_tags(&c)).await {
                 Ok(Ok(())) => match list(set, filter.clone()).await {
                     Ok(l) => match l.iter().find(|i| i.id() == id) {
-                        Some(i) if i.tags().get("dispatch-cloud-test-tag").map(String::as_str) == Some("changed") => {
+                        Some(i)
+                            if i.tags().get("dispatch-cloud-test-tag").map(String::as_str)
+                                == Some("changed") =>
+                        {
                             Ok("new tag listed".to_string())
                         }
-                        Some(_) => Err("set_tags succeeded but the listing lacks the new tag".into()),
+                        Some(_) => {
+                            Err("set_tags succeeded but the listing lacks the new tag".into())
+                        }
                         None => Err(format!("{id} vanished after set_tags")),
                     },
                     Err(e) => Err(e),
@@ -306,7 +342,9 @@ async fn lifecycle(
         blocking(move || i.destroy()).await
     };
     let outcome = match destroyed {
-        Ok(Ok(())) => wait_gone(set, &filter, options.boot_timeout).await.map(|_| format!("{id} gone")),
+        Ok(Ok(())) => wait_gone(set, &filter, options.boot_timeout)
+            .await
+            .map(|_| format!("{id} gone")),
         Ok(Err(e)) => Err(e.to_string()),
         Err(e) => Err(e),
     };
@@ -358,7 +396,10 @@ async fn ssh_checks(
             instance.address().split(':').next().unwrap_or_default(),
         ))
     } else {
-        Err(format!("no success within {:?}: {last_error}", options.boot_timeout))
+        Err(format!(
+            "no success within {:?}: {last_error}",
+            options.boot_timeout
+        ))
     };
     if !run.record("boot probe over verified SSH", t, outcome) {
         executor.close().await;
@@ -391,7 +432,12 @@ struct FaultCase {
     check: fn(&DriverError, &str) -> bool,
 }
 
-async fn loopback_faults(run: &mut Run<'_>, plugin: &LoadedPlugin, entry: &InstanceSetEntry, options: &Options) {
+async fn loopback_faults(
+    run: &mut Run<'_>,
+    plugin: &LoadedPlugin,
+    entry: &InstanceSetEntry,
+    options: &Options,
+) {
     let provider_type = options.instance_type.clone();
     let cases = [
         FaultCase {
@@ -410,7 +456,15 @@ async fn loopback_faults(run: &mut Run<'_>, plugin: &LoadedPlugin, entry: &Insta
             name: "group capacity fault names the group",
             faults: serde_json::json!({"capacity_error_groups": [provider_type.split('.').next().unwrap_or_default()]}),
             via_listing: false,
-            check: |e, _| matches!(e, DriverError::Capacity { scope: CapacityScope::QuotaGroup(_), .. }),
+            check: |e, _| {
+                matches!(
+                    e,
+                    DriverError::Capacity {
+                        scope: CapacityScope::QuotaGroup(_),
+                        ..
+                    }
+                )
+            },
         },
         FaultCase {
             name: "rate limit gives a future earliest retry",
@@ -443,7 +497,9 @@ async fn loopback_faults(run: &mut Run<'_>, plugin: &LoadedPlugin, entry: &Insta
         let outcome = blocking(move || -> Result<(), DriverError> {
             let set = plugin.new_instance_set(&faulty, &Tags::new())?;
             let result = if via_listing {
-                set.instances(&Tags::new()).and_then(|_| set.instances(&Tags::new())).map(|_| ())
+                set.instances(&Tags::new())
+                    .and_then(|_| set.instances(&Tags::new()))
+                    .map(|_| ())
             } else {
                 // Should fail; if it does not, clean up what it made.
                 set.create(&request).and_then(|i| i.destroy())
@@ -453,7 +509,9 @@ async fn loopback_faults(run: &mut Run<'_>, plugin: &LoadedPlugin, entry: &Insta
         })
         .await;
         let verdict = match outcome {
-            Ok(Err(e)) if (case.check)(&e, &options.instance_type) => Ok(format!("{} ({e})", e.kind())),
+            Ok(Err(e)) if (case.check)(&e, &options.instance_type) => {
+                Ok(format!("{} ({e})", e.kind()))
+            }
             Ok(Err(e)) => Err(format!("wrong error: {} ({e})", e.kind())),
             Ok(Ok(())) => Err("the call succeeded".into()),
             Err(e) => Err(e),

@@ -11,7 +11,11 @@ use dispatch_cloud::conformance;
 use dispatch_cloud::plugin::{self, Catalogue};
 
 #[derive(Parser)]
-#[command(name = "dispatch-cloud", version, about = "Runs batch containers on elastic cloud VMs")]
+#[command(
+    name = "dispatch-cloud",
+    version,
+    about = "Runs batch containers on elastic cloud VMs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -76,7 +76,9 @@ impl client::Handler for KeyCapture {
             // Certificates are not part of our trust model.
             return Ok(false);
         };
-        let text = key.to_openssh().map_err(|_| russh::Error::KeyChanged { line: 0 })?;
+        let text = key
+            .to_openssh()
+            .map_err(|_| russh::Error::KeyChanged { line: 0 })?;
         if let Ok(mut slot) = self.presented.lock() {
             *slot = Some(text);
         }
@@ -120,12 +122,12 @@ impl Executor {
                 // have run, and running it twice is worse than reporting the error.
                 match handle.channel_open_session().await {
                     Ok(channel) => {
-                        return run_on(channel, command, stdin)
-                            .await
-                            .map_err(|message| SshError::Session {
+                        return run_on(channel, command, stdin).await.map_err(|message| {
+                            SshError::Session {
                                 address: self.target.address(),
                                 message,
-                            })
+                            }
+                        })
                     }
                     Err(e) => log::debug!("Existing SSH connection failed ({e}); reconnecting."),
                 }
@@ -237,14 +239,17 @@ impl Executor {
             Err(DriverError::NotImplemented { .. }) => {
                 let Some(secret) = self.target.instance_secret() else {
                     return Err(refused(
-                        "the driver cannot verify host keys and the instance has no secret tag".into(),
+                        "the driver cannot verify host keys and the instance has no secret tag"
+                            .into(),
                     ));
                 };
                 let out = run(handle, &instance_secret::read_command(user), b"")
                     .await
                     .map_err(|e| refused(format!("reading the instance secret: {e}")))?;
                 if !out.success() || out.stdout != secret.as_bytes() {
-                    return Err(refused("the instance secret on the VM does not match its tag".into()));
+                    return Err(refused(
+                        "the instance secret on the VM does not match its tag".into(),
+                    ));
                 }
             }
             Err(e) => return Err(refused(e.to_string())),
@@ -316,10 +321,7 @@ impl Target for DriverTarget {
     }
 
     fn instance_secret(&self) -> Option<String> {
-        self.instance
-            .tags()
-            .get(instance_secret::TAG)
-            .cloned()
+        self.instance.tags().get(instance_secret::TAG).cloned()
     }
 }
 

@@ -49,7 +49,9 @@ pub fn probe_so() -> PathBuf {
 
 pub fn sha256_hex(path: &Path) -> String {
     use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(std::fs::read(path).expect("read file")))
+    hex::encode(sha2::Sha256::digest(
+        std::fs::read(path).expect("read file"),
+    ))
 }
 
 /// Runs the real `dispatch-cloud` binary.
@@ -155,7 +157,10 @@ pub fn loopback_set(
     set_id: &str,
     extra_params: &str,
 ) -> (LoadedPlugin, InstanceSetEntry, Arc<dyn InstanceSet>) {
-    let file = write_plugins_toml(cloud.state_dir(), &loopback_catalogue_text(cloud, set_id, extra_params));
+    let file = write_plugins_toml(
+        cloud.state_dir(),
+        &loopback_catalogue_text(cloud, set_id, extra_params),
+    );
     let catalogue = Catalogue::load(&file).expect("catalogue");
     let loaded = plugin::load(catalogue.plugin("loopback").expect("plugin entry")).expect("load");
     let entry = catalogue.instance_set("test").expect("set").clone();
@@ -171,7 +176,10 @@ static FIXTURE_BUILD: Mutex<()> = Mutex::new(());
 /// its `.so`. Uses its own target directory: the workspace's is locked while tests run.
 pub fn build_fixture(crate_dir: &str, library: &str) -> PathBuf {
     let _one_at_a_time = FIXTURE_BUILD.lock().unwrap_or_else(|p| p.into_inner());
-    let manifest = workspace_root().join("tests/fixtures").join(crate_dir).join("Cargo.toml");
+    let manifest = workspace_root()
+        .join("tests/fixtures")
+        .join(crate_dir)
+        .join("Cargo.toml");
     let target = workspace_root().join("target/fixtures");
     let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .arg("build")

@@ -16,7 +16,11 @@ impl log::Log for Capture {
     }
     fn log(&self, record: &log::Record<'_>) {
         if let Ok(mut lines) = LINES.lock() {
-            lines.push((record.target().to_string(), record.level(), record.args().to_string()));
+            lines.push((
+                record.target().to_string(),
+                record.level(),
+                record.args().to_string(),
+            ));
         }
     }
     fn flush(&self) {}

@@ -30,7 +30,11 @@ fn key() -> Arc<PrivateKey> {
 }
 
 /// Creates a VM with an instance secret (tagged and written at boot) authorized for `key`.
-fn create_vm(set: &Arc<dyn InstanceSet>, key: &PrivateKey, secret: Option<&str>) -> Arc<dyn Instance> {
+fn create_vm(
+    set: &Arc<dyn InstanceSet>,
+    key: &PrivateKey,
+    secret: Option<&str>,
+) -> Arc<dyn Instance> {
     let mut tags = Tags::new();
     let mut init = String::new();
     if let Some(secret) = secret {
@@ -81,7 +85,11 @@ fn driver_test_passes_against_loopback_end_to_end() {
     let cloud = LoopbackCloud::new();
     let file = write_plugins_toml(
         cloud.state_dir(),
-        &loopback_catalogue_text(&cloud, "zzzzz-zzzzz-drivertest00000", "faults = { boot_delay_ms = 300 }"),
+        &loopback_catalogue_text(
+            &cloud,
+            "zzzzz-zzzzz-drivertest00000",
+            "faults = { boot_delay_ms = 300 }",
+        ),
     );
     let out = cli(&[
         "driver-test",
@@ -120,10 +128,20 @@ fn driver_test_refuses_a_set_that_already_has_instances() {
     let (_p, _e, set) = loopback_set(&cloud, "zzzzz-zzzzz-existing0000000", "");
     let _vm = create_vm(&set, &key(), None);
     let file = cloud.state_dir().join("plugins.toml");
-    let args = ["driver-test", "--plugins", file.to_str().expect("utf8"), "--instance-set", "test"];
+    let args = [
+        "driver-test",
+        "--plugins",
+        file.to_str().expect("utf8"),
+        "--instance-set",
+        "test",
+    ];
     let out = cli(&args);
     assert!(!out.status.success());
-    assert!(text(&out.stdout).contains("--destroy-existing"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("--destroy-existing"),
+        "{}",
+        text(&out.stdout)
+    );
     let mut with_destroy = args.to_vec();
     with_destroy.push("--destroy-existing");
     let out = cli(&with_destroy);
@@ -156,7 +174,10 @@ fn commands_return_exact_output_and_exit_codes() {
         assert!(out.stdout == input, "stdin came back altered");
 
         // Commands run in the VM's root, told where it is; a leading sudo is accepted.
-        let out = exec.execute("sudo sh -c 'pwd; echo $DISPATCH_CLOUD_VM_ROOT'", b"").await.expect("pwd");
+        let out = exec
+            .execute("sudo sh -c 'pwd; echo $DISPATCH_CLOUD_VM_ROOT'", b"")
+            .await
+            .expect("pwd");
         let lines: Vec<String> = text(&out.stdout).lines().map(String::from).collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0], lines[1]);
@@ -167,7 +188,10 @@ fn commands_return_exact_output_and_exit_codes() {
         let runs: Vec<_> = (0..20)
             .map(|i| {
                 let exec = Arc::clone(&exec);
-                tokio::spawn(async move { exec.execute(&format!("echo {i}; exit {}", i % 4), b"").await })
+                tokio::spawn(async move {
+                    exec.execute(&format!("echo {i}; exit {}", i % 4), b"")
+                        .await
+                })
             })
             .collect();
         for (i, run) in runs.into_iter().enumerate() {
@@ -228,7 +252,11 @@ fn a_wrong_host_key_is_refused() {
 #[test]
 fn the_instance_secret_verifies_hosts_when_the_driver_cannot() {
     let cloud = LoopbackCloud::new();
-    let (_p, _e, set) = loopback_set(&cloud, "zzzzz-zzzzz-secretpath00000", "verify_host_key = false");
+    let (_p, _e, set) = loopback_set(
+        &cloud,
+        "zzzzz-zzzzz-secretpath00000",
+        "verify_host_key = false",
+    );
     let key = key();
     let secret = instance_secret::generate();
     let good = create_vm(&set, &key, Some(&secret));
@@ -250,14 +278,24 @@ fn the_instance_secret_verifies_hosts_when_the_driver_cannot() {
                 .find(|i| i.id() == good.id())
                 .expect("listed"),
         );
-        match executor(&retagged, Arc::clone(&key)).execute("true", b"").await {
-            Err(SshError::HostKeyRefused { reason, .. }) => assert!(reason.contains("does not match"), "{reason}"),
+        match executor(&retagged, Arc::clone(&key))
+            .execute("true", b"")
+            .await
+        {
+            Err(SshError::HostKeyRefused { reason, .. }) => {
+                assert!(reason.contains("does not match"), "{reason}")
+            }
             other => panic!("wrong secret accepted: {other:?}"),
         }
 
         // No secret tag and no driver verification: never accepted.
-        match executor(&untagged, Arc::clone(&key)).execute("true", b"").await {
-            Err(SshError::HostKeyRefused { reason, .. }) => assert!(reason.contains("no secret tag"), "{reason}"),
+        match executor(&untagged, Arc::clone(&key))
+            .execute("true", b"")
+            .await
+        {
+            Err(SshError::HostKeyRefused { reason, .. }) => {
+                assert!(reason.contains("no secret tag"), "{reason}")
+            }
             other => panic!("unverifiable host accepted: {other:?}"),
         }
     });
@@ -293,10 +331,17 @@ fn vms_survive_a_daemon_restart_with_their_keys_tags_and_files() {
         runtime().block_on(async {
             let exec = executor(&vm, Arc::clone(&key));
             until_booted(&exec).await;
-            let out = exec.execute("echo kept > kept.txt", b"").await.expect("write");
+            let out = exec
+                .execute("echo kept > kept.txt", b"")
+                .await
+                .expect("write");
             assert!(out.success());
         });
-        (vm.id(), vm.address(), vm.verify_host_key("ssh-ed25519 AAAA").is_err())
+        (
+            vm.id(),
+            vm.address(),
+            vm.verify_host_key("ssh-ed25519 AAAA").is_err(),
+        )
     };
     assert!(host_key_ok);
     let old_pid = cloud.daemon_pid().expect("daemon running");
@@ -310,7 +355,10 @@ fn vms_survive_a_daemon_restart_with_their_keys_tags_and_files() {
     let vm: Arc<dyn Instance> = Arc::from(vms.into_iter().next().expect("one"));
     assert_eq!(vm.id(), id);
     assert_eq!(vm.address(), address);
-    assert_eq!(vm.tags().get("idle-behavior").map(String::as_str), Some("hold"));
+    assert_eq!(
+        vm.tags().get("idle-behavior").map(String::as_str),
+        Some("hold")
+    );
     runtime().block_on(async {
         let exec = executor(&vm, Arc::clone(&key));
         until_booted(&exec).await;
@@ -335,9 +383,15 @@ fn boot_delay_then_broken_then_crash_faults_happen_on_time() {
     let vm = create_vm(&set, &key, None);
     let exec = executor(&vm, Arc::clone(&key));
     runtime().block_on(async {
-        assert!(exec.execute("true", b"").await.is_err(), "answered while booting");
+        assert!(
+            exec.execute("true", b"").await.is_err(),
+            "answered while booting"
+        );
         until_booted(&exec).await;
-        assert!(created.elapsed() >= Duration::from_millis(400), "booted early");
+        assert!(
+            created.elapsed() >= Duration::from_millis(400),
+            "booted early"
+        );
         let flag = "test -f \"$DISPATCH_CLOUD_VM_ROOT/var/lock/dispatch-cloud-runner-broken\"";
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {

@@ -41,7 +41,12 @@ fn create_request() -> CreateRequest {
 #[test]
 fn plugins_command_lists_the_repository_catalogue() {
     let file = workspace_root().join("plugins.toml");
-    let out = cli(&["plugins", "--json", "--plugins", file.to_str().expect("utf8")]);
+    let out = cli(&[
+        "plugins",
+        "--json",
+        "--plugins",
+        file.to_str().expect("utf8"),
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let loopback = &list[0];
@@ -77,8 +82,16 @@ fn refusals_are_one_clear_sentence_each() {
     let libc = libc_path();
     let cases: Vec<(String, Vec<&str>)> = vec![
         (
-            format!("path = {:?}\nsha256 = \"{}\"", probe_so().display().to_string(), "0".repeat(64)),
-            vec!["has sha256", "but plugins.toml pins 0000", "refusing to load it"],
+            format!(
+                "path = {:?}\nsha256 = \"{}\"",
+                probe_so().display().to_string(),
+                "0".repeat(64)
+            ),
+            vec![
+                "has sha256",
+                "but plugins.toml pins 0000",
+                "refusing to load it",
+            ],
         ),
         (
             format!("path = {:?}", drifted.display().to_string()),
@@ -90,7 +103,10 @@ fn refusals_are_one_clear_sentence_each() {
         ),
         (
             format!("path = {:?}", libc.display().to_string()),
-            vec!["is not a dispatch-cloud driver plugin", "exports no abi_stable root module"],
+            vec![
+                "is not a dispatch-cloud driver plugin",
+                "exports no abi_stable root module",
+            ],
         ),
         (
             format!("path = {:?}", not_elf.display().to_string()),
@@ -102,13 +118,19 @@ fn refusals_are_one_clear_sentence_each() {
         ),
     ];
     for (plugin_lines, expected) in cases {
-        let file = write_plugins_toml(dir.path(), &format!("[[plugins]]\nname = \"bad\"\n{plugin_lines}\n"));
+        let file = write_plugins_toml(
+            dir.path(),
+            &format!("[[plugins]]\nname = \"bad\"\n{plugin_lines}\n"),
+        );
         let out = cli(&["plugins", "--plugins", file.to_str().expect("utf8")]);
         let stderr = text(&out.stderr);
         assert!(!out.status.success(), "{plugin_lines}: accepted");
         assert_eq!(stderr.lines().count(), 1, "one line, got:\n{stderr}");
         for needle in expected {
-            assert!(stderr.contains(needle), "{plugin_lines}: {stderr:?} lacks {needle:?}");
+            assert!(
+                stderr.contains(needle),
+                "{plugin_lines}: {stderr:?} lacks {needle:?}"
+            );
         }
     }
 }
@@ -116,7 +138,10 @@ fn refusals_are_one_clear_sentence_each() {
 #[test]
 fn unknown_keys_in_plugins_toml_name_file_line_and_key() {
     let dir = tempfile::tempdir().expect("tmp");
-    let file = write_plugins_toml(dir.path(), "[[plugins]]\nname = \"x\"\npath = \"x.so\"\nsha265 = \"00\"\n");
+    let file = write_plugins_toml(
+        dir.path(),
+        "[[plugins]]\nname = \"x\"\npath = \"x.so\"\nsha265 = \"00\"\n",
+    );
     let out = cli(&["plugins", "--plugins", file.to_str().expect("utf8")]);
     let stderr = text(&out.stderr);
     assert!(!out.status.success());
@@ -167,7 +192,10 @@ fn two_plugins_in_one_process_each_answer_as_themselves() {
         .map(|r| r.expect("loads"))
         .collect();
     assert_eq!(
-        loaded.iter().map(|p| (p.driver_name.as_str(), p.driver_version.as_str())).collect::<Vec<_>>(),
+        loaded
+            .iter()
+            .map(|p| (p.driver_name.as_str(), p.driver_version.as_str()))
+            .collect::<Vec<_>>(),
         vec![("loopback", "0.1.0"), ("probe", "0.3.1")]
     );
     let lb = loaded[0]
@@ -205,13 +233,19 @@ fn a_panicking_driver_returns_errors_and_the_host_keeps_running() {
     let set = probe
         .new_instance_set(catalogue.instance_set("create").expect("set"), &Tags::new())
         .expect("set");
-    let err = set.create(&create_request()).err().expect("create panicked");
+    let err = set
+        .create(&create_request())
+        .err()
+        .expect("create panicked");
     assert_eq!(
         err,
         DriverError::other("driver panicked: probe driver told to panic in create")
     );
     // The same set still answers after the panic.
-    assert!(set.instances(&Tags::new()).expect("list after panic").is_empty());
+    assert!(set
+        .instances(&Tags::new())
+        .expect("list after panic")
+        .is_empty());
 
     let err = probe
         .new_instance_set(catalogue.instance_set("init").expect("set"), &Tags::new())
@@ -222,5 +256,9 @@ fn a_panicking_driver_returns_errors_and_the_host_keeps_running() {
     let set = probe
         .new_instance_set(catalogue.instance_set("group").expect("set"), &Tags::new())
         .expect("set");
-    assert_eq!(set.quota_group(&small()), "", "a panic in a call without errors gives the neutral value");
+    assert_eq!(
+        set.quota_group(&small()),
+        "",
+        "a panic in a call without errors gives the neutral value"
+    );
 }

@@ -37,7 +37,10 @@ fn a_driver_built_outside_the_workspace_passes_driver_test() {
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
     assert!(stdout.contains("driver vendor 2.0.0"), "{stdout}");
-    assert!(stdout.contains("PASS boot probe over verified SSH"), "{stdout}");
+    assert!(
+        stdout.contains("PASS boot probe over verified SSH"),
+        "{stdout}"
+    );
     assert!(stdout.contains("vendor-ok"), "{stdout}");
     assert!(stdout.contains(", 0 failed"), "{stdout}");
 }

@@ -69,9 +69,15 @@ impl Driver for LoopbackDriver {
         let params: Params = driver_abi::parse_params(params)?;
         for (name, rate) in [
             ("faults.create_error_rate", params.faults.create_error_rate),
-            ("faults.destroy_error_rate", params.faults.destroy_error_rate),
+            (
+                "faults.destroy_error_rate",
+                params.faults.destroy_error_rate,
+            ),
             ("faults.crash_rate", params.faults.crash_rate.unwrap_or(0.0)),
-            ("faults.broken_rate", params.faults.broken_rate.unwrap_or(0.0)),
+            (
+                "faults.broken_rate",
+                params.faults.broken_rate.unwrap_or(0.0),
+            ),
         ] {
             if !(0.0..=1.0).contains(&rate) {
                 return Err(DriverError::invalid_config(format!(
@@ -212,7 +218,9 @@ impl InstanceSet for LoopbackSet {
         };
         Ok(vms
             .into_iter()
-            .filter(|vm| vm.tags.get(SET_ID_TAG).map(String::as_str) == Some(self.inner.set_id.as_str()))
+            .filter(|vm| {
+                vm.tags.get(SET_ID_TAG).map(String::as_str) == Some(self.inner.set_id.as_str())
+            })
             .filter(|vm| tag_filter.iter().all(|(k, v)| vm.tags.get(k) == Some(v)))
             .map(|vm| self.inner.instance(vm))
             .collect())
@@ -292,7 +300,10 @@ impl Instance for LoopbackInstance {
         }
     }
 
-    fn price_history(&self, _instance_type: &InstanceType) -> Result<Vec<InstancePrice>, DriverError> {
+    fn price_history(
+        &self,
+        _instance_type: &InstanceType,
+    ) -> Result<Vec<InstancePrice>, DriverError> {
         Ok(Vec::new())
     }
 }
@@ -334,7 +345,10 @@ mod tests {
     #[test]
     fn key_comparison_ignores_comments() {
         assert_eq!(key_material("ssh-ed25519 AAAA host@x"), "ssh-ed25519 AAAA");
-        assert_ne!(key_material("ssh-ed25519 AAAB"), key_material("ssh-ed25519 AAAA"));
+        assert_ne!(
+            key_material("ssh-ed25519 AAAB"),
+            key_material("ssh-ed25519 AAAA")
+        );
     }
 
     #[test]

@@ -125,14 +125,13 @@ impl Catalogue {
             message: e.to_string().trim_end().to_string(),
         })?;
         let base = file.parent().unwrap_or(Path::new("."));
-        let invalid = |span: std::ops::Range<usize>, key: &str, message: String| {
-            CatalogueError::Invalid {
+        let invalid =
+            |span: std::ops::Range<usize>, key: &str, message: String| CatalogueError::Invalid {
                 file: file.to_path_buf(),
                 line: line_of(text, span.start),
                 key: key.to_string(),
                 message,
-            }
-        };
+            };
 
         let mut plugins = Vec::new();
         let mut seen = HashSet::new();
@@ -221,9 +220,8 @@ impl Catalogue {
                     format!("set ID {set_id} is used by another instance set"),
                 ));
             }
-            let parameters = serde_json::to_value(&s.parameters).map_err(|e| {
-                invalid(s.name.span(), &key("parameters"), e.to_string())
-            })?;
+            let parameters = serde_json::to_value(&s.parameters)
+                .map_err(|e| invalid(s.name.span(), &key("parameters"), e.to_string()))?;
             instance_sets.push(InstanceSetEntry {
                 name: s.name.into_inner(),
                 driver: s.driver.into_inner(),
@@ -290,10 +288,26 @@ faults = { boot_delay_ms = 5 }
     #[test]
     fn refusals_name_file_line_and_key() {
         let rows: &[(&str, &str, &[&str])] = &[
-            ("name = \"loopback\"\npath", "name = \"loopback\"\npaht", &["plugins.toml", "line 4", "paht"]),
-            ("zzzzz-zzzzz-zzzzzzzzzzzzzzz", "zzzzz-zzzzz-zzz", &["plugins.toml:10", "instance_sets[0].set_id", "5, 5 and 15"]),
-            ("driver = \"loopback\"", "driver = \"aws\"", &[":9:", "instance_sets[0].driver", "no plugin named \"aws\""]),
-            ("sha256 = \"ABCDEF", "sha256 = \"XYZ", &[":5:", "plugins[0].sha256", "64 hex digits"]),
+            (
+                "name = \"loopback\"\npath",
+                "name = \"loopback\"\npaht",
+                &["plugins.toml", "line 4", "paht"],
+            ),
+            (
+                "zzzzz-zzzzz-zzzzzzzzzzzzzzz",
+                "zzzzz-zzzzz-zzz",
+                &["plugins.toml:10", "instance_sets[0].set_id", "5, 5 and 15"],
+            ),
+            (
+                "driver = \"loopback\"",
+                "driver = \"aws\"",
+                &[":9:", "instance_sets[0].driver", "no plugin named \"aws\""],
+            ),
+            (
+                "sha256 = \"ABCDEF",
+                "sha256 = \"XYZ",
+                &[":5:", "plugins[0].sha256", "64 hex digits"],
+            ),
         ];
         for (from, to, expected) in rows {
             let text = GOOD.replacen(from, to, 1);
@@ -314,7 +328,8 @@ faults = { boot_delay_ms = 5 }
 
     #[test]
     fn directory_search_falls_back_to_the_conventional_name() {
-        let c = parse("[[plugins]]\nname = \"my-cloud\"\ndirectory = \"/nonexistent\"\n").expect("ok");
+        let c =
+            parse("[[plugins]]\nname = \"my-cloud\"\ndirectory = \"/nonexistent\"\n").expect("ok");
         assert_eq!(
             c.plugins[0].path,
             PathBuf::from("/nonexistent/libdispatch_cloud_my_cloud.so")

@@ -196,7 +196,11 @@ fn summarize_abi_report(report: &str) -> String {
         Some(b) => format!(
             "first mismatch in {}: {}: host expects {}, plugin has {} ({count} difference(s); \
              the full report is logged at debug level)",
-            if b.context.is_empty() { "the root module" } else { &b.context },
+            if b.context.is_empty() {
+                "the root module"
+            } else {
+                &b.context
+            },
             b.error,
             describe(&b.expected),
             describe(&b.found),
@@ -265,9 +269,9 @@ pub fn load(entry: &PluginEntry) -> Result<LoadedPlugin, LoadError> {
         let report = e.to_string();
         log::debug!("plugin={name} abi_stable report:\n{report}");
         match e {
-            LibraryError::IncompatibleVersionNumber { .. } => {
-                incompatible("the versions are not compatible (0.x plugins need the same minor version)".into())
-            }
+            LibraryError::IncompatibleVersionNumber { .. } => incompatible(
+                "the versions are not compatible (0.x plugins need the same minor version)".into(),
+            ),
             LibraryError::AbiInstability(_) => incompatible(summarize_abi_report(&report)),
             _ => incompatible(first_line(&report)),
         }

@@ -154,15 +154,21 @@ impl Cloud {
             let mut st = self.lock();
             st.next_serial = st.next_serial.max(serial + 1);
         }
-        log::info!("Reloaded {} VMs from {}.", self.vm_count(), vms_dir.display());
+        log::info!(
+            "Reloaded {} VMs from {}.",
+            self.vm_count(),
+            vms_dir.display()
+        );
         Ok(())
     }
 
-    fn start_vm(self: &Arc<Self>, record: VmRecord, key: PrivateKey, listener: Option<TcpListener>) {
-        let host_key = key
-            .public_key()
-            .to_openssh()
-            .unwrap_or_default();
+    fn start_vm(
+        self: &Arc<Self>,
+        record: VmRecord,
+        key: PrivateKey,
+        listener: Option<TcpListener>,
+    ) {
+        let host_key = key.public_key().to_openssh().unwrap_or_default();
         let task = match listener {
             Some(l) => tokio::spawn(run_vm(Arc::clone(self), record.clone(), key, l)),
             // No port: the VM is as good as crashed.
@@ -213,7 +219,11 @@ impl Cloud {
             address: format!("127.0.0.1:{}", vm.record.port),
             host_key: vm.host_key.clone(),
             state,
-            root: self.vm_dir(&vm.record.id).join("root").display().to_string(),
+            root: self
+                .vm_dir(&vm.record.id)
+                .join("root")
+                .display()
+                .to_string(),
         }
     }
 
@@ -232,12 +242,21 @@ impl Cloud {
                 public_key,
                 faults,
             } => {
-                self.create(provider_type, image_id, quota_group, tags, init_command, public_key, &faults)
-                    .await
+                self.create(
+                    provider_type,
+                    image_id,
+                    quota_group,
+                    tags,
+                    init_command,
+                    public_key,
+                    &faults,
+                )
+                .await
             }
             Request::List { faults } => {
                 let mut st = self.lock();
-                if let Some(limited) = rate_limited(st.last_list, faults.list_rate_limit_ms, "list") {
+                if let Some(limited) = rate_limited(st.last_list, faults.list_rate_limit_ms, "list")
+                {
                     return limited;
                 }
                 st.last_list = Some(Instant::now());
@@ -273,7 +292,9 @@ impl Cloud {
         }
         let serial = {
             let mut st = self.lock();
-            if let Some(limited) = rate_limited(st.last_create, faults.create_rate_limit_ms, "create") {
+            if let Some(limited) =
+                rate_limited(st.last_create, faults.create_rate_limit_ms, "create")
+            {
                 return limited;
             }
             st.last_create = Some(Instant::now());
@@ -295,10 +316,7 @@ impl Cloud {
             }
             if let Some(max) = faults.max_instances {
                 if st.vms.len() >= max {
-                    return err(
-                        ErrorKind::Quota,
-                        format!("instance quota of {max} reached"),
-                    );
+                    return err(ErrorKind::Quota, format!("instance quota of {max} reached"));
                 }
             }
             if rand::random_bool(faults.create_error_rate.clamp(0.0, 1.0)) {
@@ -347,7 +365,7 @@ impl Cloud {
         let written = std::fs::create_dir_all(dir.join("root/var/lock"))
             .and_then(|_| std::fs::create_dir_all(dir.join("root/var/run")))
             .and_then(|_| {
-                key.write_openssh_file(&dir.join("host_key"), Default::default())
+                key.write_openssh_file(dir.join("host_key"), Default::default())
                     .map_err(std::io::Error::other)
             })
             .and_then(|_| self.save(&record));
@@ -356,12 +374,18 @@ impl Cloud {
             return err(ErrorKind::Other, format!("cannot record VM {id}: {e}"));
         }
         let _ = std::fs::remove_file(dir.join("root").join(BROKEN_FLAG));
-        log::info!("vm={id} created, type={}, port={port}", record.provider_type);
+        log::info!(
+            "vm={id} created, type={}, port={port}",
+            record.provider_type
+        );
         self.start_vm(record, key, Some(listener));
         let st = self.lock();
         match st.vms.get(&id) {
             Some(vm) => Response::Vm(self.info(vm)),
-            None => err(ErrorKind::Other, format!("VM {id} vanished while being created")),
+            None => err(
+                ErrorKind::Other,
+                format!("VM {id} vanished while being created"),
+            ),
         }
     }
 
@@ -394,13 +418,24 @@ impl Cloud {
 /// VM-root variable every command of the VM inherits.
 fn kill_vm_processes(root: &Path) {
     let marker = format!("{VM_ROOT_ENV}={}", root.display());
-    let Ok(procs) = std::fs::read_dir("/proc") else { return };
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
     for entry in procs.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
             continue;
         };
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else { continue };
-        if environ.split(|b| *b == 0).any(|var| var == marker.as_bytes()) {
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ
+            .split(|b| *b == 0)
+            .any(|var| var == marker.as_bytes())
+        {
             // SAFETY: kill(2) with a PID read from /proc; at worst the process is already gone.
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
@@ -489,7 +524,11 @@ impl Drop for DisconnectOnDrop {
         };
         runtime.spawn(async move {
             let _ = handle
-                .disconnect(russh::Disconnect::ByApplication, "VM stopped".into(), "en".into())
+                .disconnect(
+                    russh::Disconnect::ByApplication,
+                    "VM stopped".into(),
+                    "en".into(),
+                )
                 .await;
         });
     }

@@ -32,7 +32,10 @@ fn parse_args() -> anyhow::Result<Args> {
             "--state-dir" => state_dir = args.next().map(PathBuf::from),
             "--idle-exit-seconds" => {
                 let v = args.next().context("--idle-exit-seconds needs a value")?;
-                idle_exit = Duration::from_secs(v.parse().with_context(|| format!("--idle-exit-seconds {v}"))?);
+                idle_exit = Duration::from_secs(
+                    v.parse()
+                        .with_context(|| format!("--idle-exit-seconds {v}"))?,
+                );
             }
             "--help" | "-h" => {
                 println!("usage: loopback-cloud --state-dir DIR [--idle-exit-seconds N]");
@@ -56,16 +59,27 @@ async fn main() -> anyhow::Result<()> {
     // One daemon per state directory: a second one (two plugins starting it at once) leaves.
     let lock = std::fs::File::create(args.state_dir.join("daemon.lock"))?;
     if lock.try_lock().is_err() {
-        log::info!("Another loopback-cloud serves {}; exiting.", args.state_dir.display());
+        log::info!(
+            "Another loopback-cloud serves {}; exiting.",
+            args.state_dir.display()
+        );
         return Ok(());
     }
-    std::fs::write(args.state_dir.join("daemon.pid"), std::process::id().to_string())?;
+    std::fs::write(
+        args.state_dir.join("daemon.pid"),
+        std::process::id().to_string(),
+    )?;
     let socket = args.state_dir.join(SOCKET_NAME);
     let _ = std::fs::remove_file(&socket);
     let cloud = Cloud::new(args.state_dir.clone());
     cloud.reload().await.context("reloading VMs")?;
-    let listener = UnixListener::bind(&socket).with_context(|| format!("socket {}", socket.display()))?;
-    log::info!("loopback-cloud pid {} serving {}", std::process::id(), socket.display());
+    let listener =
+        UnixListener::bind(&socket).with_context(|| format!("socket {}", socket.display()))?;
+    log::info!(
+        "loopback-cloud pid {} serving {}",
+        std::process::id(),
+        socket.display()
+    );
 
     let (activity_tx, mut activity_rx) = watch::channel(());
     let (stop_tx, mut stop_rx) = watch::channel(false);
@@ -106,11 +120,16 @@ async fn serve(cloud: Arc<Cloud>, stream: UnixStream, stop: watch::Sender<bool>)
             Response::Ok
         }
         Ok(request) => cloud.handle(request).await,
-        Err(e) => Response::Error(WireError::new(ErrorKind::BadRequest, format!("request: {e}"))),
+        Err(e) => Response::Error(WireError::new(
+            ErrorKind::BadRequest,
+            format!("request: {e}"),
+        )),
     };
     let mut out = match serde_json::to_string(&response) {
         Ok(s) => s,
-        Err(e) => format!(r#"{{"error":{{"kind":"other","message":"{e}","earliest_retry_unix_ms":null,"scope":null}}}}"#),
+        Err(e) => format!(
+            r#"{{"error":{{"kind":"other","message":"{e}","earliest_retry_unix_ms":null,"scope":null}}}}"#
+        ),
     };
     out.push('\n');
     let _ = write.write_all(out.as_bytes()).await;

@@ -120,7 +120,12 @@ impl russh::server::Handler for VmShell {
     }
 }
 
-async fn pump<R: AsyncRead + Unpin>(mut from: R, handle: Arc<Handle>, channel: ChannelId, ext: Option<u32>) {
+async fn pump<R: AsyncRead + Unpin>(
+    mut from: R,
+    handle: Arc<Handle>,
+    channel: ChannelId,
+    ext: Option<u32>,
+) {
     let mut buf = vec![0u8; 32 * 1024];
     loop {
         match from.read(&mut buf).await {
@@ -199,7 +204,9 @@ async fn run_command(
         Ok(s) => s
             .code()
             .map(|c| c as u32)
-            .or_else(|| std::os::unix::process::ExitStatusExt::signal(&s).map(|sig| 128 + sig as u32))
+            .or_else(|| {
+                std::os::unix::process::ExitStatusExt::signal(&s).map(|sig| 128 + sig as u32)
+            })
             .unwrap_or(255),
         Err(_) => 255,
     };
