@@ -65,6 +65,25 @@ pub struct InstanceType {
     pub preemptible: bool,
 }
 
+impl InstanceType {
+    /// 1 vCPU, 1 GiB, no scratch, no GPU, free, on demand: what conformance checks and tests
+    /// boot when the cluster config does not say more.
+    pub fn minimal(provider_type: &str) -> Self {
+        InstanceType {
+            name: provider_type.to_string(),
+            provider_type: provider_type.to_string(),
+            vcpus: 1,
+            ram_bytes: 1 << 30,
+            included_scratch_bytes: 0,
+            added_scratch_bytes: 0,
+            gpu_count: 0,
+            gpu_kind: String::new(),
+            price: 0.0,
+            preemptible: false,
+        }
+    }
+}
+
 /// What the host asks a driver to boot.
 #[derive(Clone, Debug, PartialEq)]
 pub struct CreateRequest {

@@ -95,21 +95,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .map_err(|e| format!("driver call did not finish: {e}"))
 }
 
-fn test_type(provider_type: &str) -> InstanceType {
-    InstanceType {
-        name: provider_type.to_string(),
-        provider_type: provider_type.to_string(),
-        vcpus: 1,
-        ram_bytes: 1 << 30,
-        included_scratch_bytes: 0,
-        added_scratch_bytes: 0,
-        gpu_count: 0,
-        gpu_kind: String::new(),
-        price: 0.0,
-        preemptible: false,
-    }
-}
-
 /// Runs the kit; `report` sees each step as it finishes. Returns every step.
 pub async fn run(
     plugin: &LoadedPlugin,
@@ -239,7 +224,7 @@ async fn lifecycle(
     tags.insert(instance_secret::TAG.into(), secret.clone());
     let public_key = key.public_key().to_openssh().ok();
     let request = CreateRequest {
-        instance_type: test_type(&options.instance_type),
+        instance_type: InstanceType::minimal(&options.instance_type),
         image_id: options.image.clone(),
         tags: tags.clone(),
         init_command: instance_secret::init_command(&secret, ""),
@@ -487,7 +472,7 @@ async fn loopback_faults(
         }
         let plugin = plugin.clone();
         let request = CreateRequest {
-            instance_type: test_type(&options.instance_type),
+            instance_type: InstanceType::minimal(&options.instance_type),
             image_id: options.image.clone(),
             tags: Tags::new(),
             init_command: String::new(),

@@ -11,18 +11,7 @@ use russh::keys::PrivateKey;
 use system_tests::*;
 
 fn small() -> InstanceType {
-    InstanceType {
-        name: "small".into(),
-        provider_type: "lb.small".into(),
-        vcpus: 1,
-        ram_bytes: 1 << 30,
-        included_scratch_bytes: 0,
-        added_scratch_bytes: 0,
-        gpu_count: 0,
-        gpu_kind: String::new(),
-        price: 0.01,
-        preemptible: false,
-    }
+    InstanceType::minimal("lb.small")
 }
 
 fn key() -> Arc<PrivateKey> {

@@ -14,18 +14,7 @@ fn one_daemon_holds_a_thousand_vms() {
     let (_p, _e, set) = loopback_set(&cloud, "zzzzz-zzzzz-thousandvms0000", "");
     let key = dispatch_cloud::ssh::generate_key().expect("key");
     let request = CreateRequest {
-        instance_type: InstanceType {
-            name: "tiny".into(),
-            provider_type: "lb.tiny".into(),
-            vcpus: 1,
-            ram_bytes: 1 << 28,
-            included_scratch_bytes: 0,
-            added_scratch_bytes: 0,
-            gpu_count: 0,
-            gpu_kind: String::new(),
-            price: 0.001,
-            preemptible: false,
-        },
+        instance_type: InstanceType::minimal("lb.tiny"),
         image_id: "img".into(),
         tags: Tags::new(),
         init_command: "true".into(),

@@ -322,16 +322,8 @@ mod tests {
 
     fn it(provider_type: &str, preemptible: bool) -> InstanceType {
         InstanceType {
-            name: provider_type.into(),
-            provider_type: provider_type.into(),
-            vcpus: 1,
-            ram_bytes: 1 << 30,
-            included_scratch_bytes: 0,
-            added_scratch_bytes: 0,
-            gpu_count: 0,
-            gpu_kind: String::new(),
-            price: 0.1,
             preemptible,
+            ..InstanceType::minimal(provider_type)
         }
     }
 
