@@ -311,47 +311,49 @@ fn an_unknown_client_key_is_refused() {
 fn vms_survive_a_daemon_restart_with_their_keys_tags_and_files() {
     let cloud = LoopbackCloud::new();
     let key = key();
-    let (id, address, host_key_ok) = {
-        let (_p, _e, set) = loopback_set(&cloud, "zzzzz-zzzzz-restart00000000", "");
-        let vm = create_vm(&set, &key, None);
-        let mut tags = vm.tags();
-        tags.insert("idle-behavior".into(), "hold".into());
-        vm.set_tags(&tags).expect("tags");
-        runtime().block_on(async {
-            let exec = executor(&vm, Arc::clone(&key));
-            until_booted(&exec).await;
-            let out = exec
-                .execute("echo kept > kept.txt", b"")
-                .await
-                .expect("write");
-            assert!(out.success());
-        });
-        (
-            vm.id(),
-            vm.address(),
-            vm.verify_host_key("ssh-ed25519 AAAA").is_err(),
-        )
-    };
-    assert!(host_key_ok);
+    let rt = runtime();
+    let (_p, _e, set) = loopback_set(&cloud, "zzzzz-zzzzz-restart00000000", "");
+    let vm = create_vm(&set, &key, None);
+    let mut tags = vm.tags();
+    tags.insert("idle-behavior".into(), "hold".into());
+    vm.set_tags(&tags).expect("tags");
+    let exec = executor(&vm, Arc::clone(&key));
+    rt.block_on(async {
+        until_booted(&exec).await;
+        let out = exec
+            .execute("echo kept > kept.txt", b"")
+            .await
+            .expect("write");
+        assert!(out.success());
+    });
     let old_pid = cloud.daemon_pid().expect("daemon running");
     cloud.stop_daemon();
 
     // A new host process would open the set again; the plugin restarts the daemon.
-    let (_p, _e, set) = loopback_set(&cloud, "zzzzz-zzzzz-restart00000000", "");
+    let (_p, _e, reopened) = loopback_set(&cloud, "zzzzz-zzzzz-restart00000000", "");
     assert_ne!(cloud.daemon_pid(), Some(old_pid));
-    let vms = set.instances(&Tags::new()).expect("list");
+    let vms = reopened.instances(&Tags::new()).expect("list");
     assert_eq!(vms.len(), 1);
-    let vm: Arc<dyn Instance> = Arc::from(vms.into_iter().next().expect("one"));
-    assert_eq!(vm.id(), id);
-    assert_eq!(vm.address(), address);
+    let again: Arc<dyn Instance> = Arc::from(vms.into_iter().next().expect("one"));
+    assert_eq!(again.id(), vm.id());
+    assert_eq!(again.address(), vm.address());
     assert_eq!(
-        vm.tags().get("idle-behavior").map(String::as_str),
+        again.tags().get("idle-behavior").map(String::as_str),
         Some("hold")
     );
-    runtime().block_on(async {
-        let exec = executor(&vm, Arc::clone(&key));
-        until_booted(&exec).await;
-        let out = exec.execute("cat kept.txt", b"").await.expect("read");
+    rt.block_on(async {
+        // The old executor's connection died with the daemon: it reconnects, and the VM's
+        // host key is the same one it verified before.
+        let out = exec
+            .execute("cat kept.txt", b"")
+            .await
+            .expect("reconnected");
+        assert_eq!(out.stdout, b"kept\n");
+        let fresh = executor(&again, Arc::clone(&key));
+        let out = fresh
+            .execute("cat kept.txt", b"")
+            .await
+            .expect("fresh connection");
         assert_eq!(out.stdout, b"kept\n");
     });
     // A set with another ID sees none of them.
