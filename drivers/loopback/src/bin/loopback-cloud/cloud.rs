@@ -77,6 +77,13 @@ fn err(kind: ErrorKind, message: impl Into<String>) -> Response {
     Response::Error(WireError::new(kind, message))
 }
 
+/// A capacity fault for `scope`, a provider type or a quota group as `kind` says.
+fn capacity_error(kind: ErrorKind, scope: String) -> Response {
+    let mut e = WireError::new(kind, format!("insufficient capacity for {scope}"));
+    e.scope = Some(scope);
+    Response::Error(e)
+}
+
 fn rate_limited(last: Option<Instant>, interval_ms: u64, what: &str) -> Option<Response> {
     let interval = Duration::from_millis(interval_ms);
     let last = last?;
@@ -299,20 +306,10 @@ impl Cloud {
             }
             st.last_create = Some(Instant::now());
             if faults.capacity_error_types.contains(&provider_type) {
-                let mut e = WireError::new(
-                    ErrorKind::CapacityType,
-                    format!("insufficient capacity for {provider_type}"),
-                );
-                e.scope = Some(provider_type);
-                return Response::Error(e);
+                return capacity_error(ErrorKind::CapacityType, provider_type);
             }
             if faults.capacity_error_groups.contains(&quota_group) {
-                let mut e = WireError::new(
-                    ErrorKind::CapacityGroup,
-                    format!("insufficient capacity in group {quota_group}"),
-                );
-                e.scope = Some(quota_group);
-                return Response::Error(e);
+                return capacity_error(ErrorKind::CapacityGroup, quota_group);
             }
             if let Some(max) = faults.max_instances {
                 if st.vms.len() >= max {
