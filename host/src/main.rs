@@ -1,28 +1,123 @@
 //! The `dispatch-cloud` command: parses flags and calls into the library.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context};
-use clap::{Parser, Subcommand};
+use anyhow::{anyhow, bail, Context};
+use clap::{Args, Parser, Subcommand};
+use dispatch_cloud::client::Client;
+use dispatch_cloud::config::{ClusterConfig, Size};
 use dispatch_cloud::conformance;
 use dispatch_cloud::plugin::{self, Catalogue};
+use dispatch_cloud::queue::{ContainerState, NewContainer, RuntimeConstraints};
+
+/// Exit code of `submit --wait` when the container was cancelled.
+const CANCELLED_EXIT: u8 = 125;
 
 #[derive(Parser)]
-#[command(
-    name = "dispatch-cloud",
-    version,
-    about = "Runs batch containers on elastic cloud VMs"
-)]
+#[command(name = "dispatch-cloud", version, about = "Runs batch containers on elastic cloud VMs")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
+/// How client commands find the server.
+#[derive(Args, Clone)]
+struct ServerArgs {
+    /// Cluster config; also where the default URL and token come from.
+    #[arg(long, global = true, env = "DISPATCH_CLOUD_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, global = true, env = "DISPATCH_CLOUD_URL")]
+    url: Option<String>,
+    #[arg(long, global = true, env = "DISPATCH_CLOUD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Run the dispatcher and its API.
+    Serve {
+        #[arg(long, env = "DISPATCH_CLOUD_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long, env = "DISPATCH_CLOUD_PLUGINS")]
+        plugins: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Submit a container: `submit [options] -- CMD ARGS…`. Prints its ID.
+    Submit {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// e.g. 512MiB, 2GiB
+        #[arg(long, default_value = "256MiB")]
+        ram: String,
+        #[arg(long, default_value = "0")]
+        scratch: String,
+        #[arg(long, default_value_t = 0)]
+        gpus: u32,
+        #[arg(long)]
+        preemptible: bool,
+        #[arg(long, default_value_t = 1)]
+        priority: i64,
+        #[arg(long)]
+        image: Option<String>,
+        #[arg(long)]
+        workdir: Option<String>,
+        /// K=V, repeatable.
+        #[arg(long = "env")]
+        env: Vec<String>,
+        /// Follow it and exit with its exit code (125 if cancelled).
+        #[arg(long)]
+        wait: bool,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// List containers.
+    Ps {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// The API's container objects as a JSON array (see README).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a finished container's stdout (and its stderr to stderr).
+    Logs {
+        #[command(flatten)]
+        server: ServerArgs,
+        id: String,
+    },
+    /// Cancel a container (a running one is sent SIGTERM).
+    Cancel {
+        #[command(flatten)]
+        server: ServerArgs,
+        id: String,
+    },
+    /// Change a container's priority (0 stops it from running, and kills it if it runs).
+    Priority {
+        #[command(flatten)]
+        server: ServerArgs,
+        id: String,
+        priority: i64,
+    },
+    /// List VMs with state, type, idle behaviour and containers.
+    Instances {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a cluster config; reports every problem with file, line and key.
+    CheckConfig {
+        #[arg(long, env = "DISPATCH_CLOUD_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Load every plugin in plugins.toml and list what was found.
     Plugins {
         #[arg(long, default_value = "plugins.toml", env = "DISPATCH_CLOUD_PLUGINS")]
@@ -57,9 +152,26 @@ enum Command {
         #[arg(long)]
         skip_ssh: bool,
     },
+    /// The worker side, run on VMs by the dispatcher.
+    #[command(hide = true)]
+    Runner {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    // The runner is exec'd on VMs many times a second: skip logger and clap set-up costs.
+    if args.get(1).map(String::as_str) == Some("runner") {
+        return match dispatch_cloud::runner::main(&args[2..]) {
+            Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     match run(cli) {
@@ -71,8 +183,199 @@ fn main() -> ExitCode {
     }
 }
 
+fn load_config(file: Option<&Path>) -> anyhow::Result<ClusterConfig> {
+    ClusterConfig::load(file).map_err(|e| anyhow!("{e}"))
+}
+
+fn client(server: &ServerArgs) -> anyhow::Result<Client> {
+    let config = load_config(server.config.as_deref())?;
+    let url = server
+        .url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", config.listen));
+    let token = match &server.token {
+        Some(t) => t.clone(),
+        None => match config.tokens.first() {
+            Some(t) => t.clone(),
+            None => std::fs::read_to_string(config.token_path())
+                .map(|t| t.trim().to_string())
+                .with_context(|| {
+                    format!(
+                        "no token: give --token, set DISPATCH_CLOUD_TOKEN, or run where {} exists",
+                        config.token_path().display()
+                    )
+                })?,
+        },
+    };
+    Ok(Client::new(&url, &token))
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Serve {
+            config,
+            plugins,
+            state_dir,
+            listen,
+        } => {
+            let mut cfg = load_config(config.as_deref())?;
+            if let Some(dir) = state_dir {
+                cfg.state_dir = dir;
+            }
+            if let Some(addr) = listen {
+                cfg.listen = addr;
+            }
+            let plugins = plugins.unwrap_or_else(|| cfg.plugins.clone());
+            serve(cfg, &plugins)
+        }
+        Command::Submit {
+            server,
+            vcpus,
+            ram,
+            scratch,
+            gpus,
+            preemptible,
+            priority,
+            image,
+            workdir,
+            env,
+            wait,
+            command,
+        } => {
+            let mut env_map = BTreeMap::new();
+            for kv in env {
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("--env {kv:?}: expected K=V"))?;
+                env_map.insert(k.to_string(), v.to_string());
+            }
+            let new = NewContainer {
+                command,
+                env: env_map,
+                working_dir: workdir,
+                image,
+                priority,
+                runtime_constraints: RuntimeConstraints {
+                    vcpus,
+                    ram_bytes: Size::parse(&ram).map_err(|e| anyhow!("--ram: {e}"))?.0,
+                    scratch_bytes: Size::parse(&scratch).map_err(|e| anyhow!("--scratch: {e}"))?.0,
+                    gpus,
+                    preemptible,
+                },
+            };
+            let client = client(&server)?;
+            let c = client.submit(&new)?;
+            println!("{}", c.id);
+            if !wait {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut last = c.state;
+            eprintln!("{} {:?}", c.id, last);
+            loop {
+                std::thread::sleep(Duration::from_millis(100));
+                let now = client.get(&c.id)?;
+                if now.state != last {
+                    last = now.state;
+                    eprintln!(
+                        "{} {:?}{}",
+                        now.id,
+                        now.state,
+                        now.instance_id.as_deref().map(|i| format!(" on {i}")).unwrap_or_default()
+                    );
+                }
+                match now.state {
+                    ContainerState::Complete => {
+                        let code = now.exit_code.unwrap_or(1);
+                        return Ok(ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1)));
+                    }
+                    ContainerState::Cancelled => {
+                        eprintln!("cancelled: {}", now.runtime_error.unwrap_or_default());
+                        return Ok(ExitCode::from(CANCELLED_EXIT));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Command::Ps { server, json } => {
+            let list = client(&server)?.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!(
+                    "{:<27} {:<9} {:>4} {:>4} {:<8} {:<12} COMMAND",
+                    "ID", "STATE", "PRIO", "EXIT", "TYPE", "INSTANCE"
+                );
+                for c in list {
+                    println!(
+                        "{:<27} {:<9} {:>4} {:>4} {:<8} {:<12} {}",
+                        c.id,
+                        c.state.as_str(),
+                        c.priority,
+                        c.exit_code.map(|e| e.to_string()).unwrap_or_default(),
+                        c.instance_type.unwrap_or_default(),
+                        c.instance_id.unwrap_or_default(),
+                        c.command.join(" ")
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Logs { server, id } => {
+            let client = client(&server)?;
+            use std::io::Write;
+            std::io::stdout().write_all(&client.logs(&id, "stdout")?)?;
+            std::io::stderr().write_all(&client.logs(&id, "stderr")?)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cancel { server, id } => {
+            let c = client(&server)?.cancel(&id)?;
+            println!("{} {}", c.id, c.state.as_str());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Priority { server, id, priority } => {
+            let c = client(&server)?.set_priority(&id, priority)?;
+            println!("{} priority {}", c.id, c.priority);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Instances { server, json } => {
+            let list = client(&server)?.instances()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!(
+                    "{:<12} {:<8} {:<9} {:<6} {:<16} CONTAINERS",
+                    "ID", "TYPE", "STATE", "IDLE", "ADDRESS"
+                );
+                for i in list {
+                    println!(
+                        "{:<12} {:<8} {:<9} {:<6} {:<16} {}",
+                        if i.id.is_empty() { "(creating)" } else { &i.id },
+                        i.instance_type.unwrap_or_default(),
+                        i.state,
+                        i.idle_behavior,
+                        i.address,
+                        i.containers.join(",")
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig { config } => match ClusterConfig::load(config.as_deref()) {
+            Ok(_) => {
+                println!(
+                    "{}: OK",
+                    config.map(|p| p.display().to_string()).unwrap_or_else(|| "(defaults)".into())
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                for p in &e.problems {
+                    eprintln!("{p}");
+                }
+                eprintln!("{} problem(s)", e.problems.len());
+                Ok(ExitCode::FAILURE)
+            }
+        },
         Command::Plugins { plugins, json } => list_plugins(&plugins, json),
         Command::DriverTest {
             plugins,
@@ -97,10 +400,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             driver_test(&plugins, &instance_set, &options)
         }
+        Command::Runner { .. } => bail!("runner is handled before argument parsing"),
     }
 }
 
-fn list_plugins(file: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
+fn serve(config: ClusterConfig, plugins: &Path) -> anyhow::Result<ExitCode> {
+    // Logs at info by default for the long-running service.
+    log::set_max_level(log::LevelFilter::Info.max(log::max_level()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&config.listen)
+            .await
+            .with_context(|| format!("listen {}", config.listen))?;
+        let shutdown = async {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            log::info!("Shutdown requested.");
+        };
+        dispatch_cloud::serve::serve(config, plugins, listener, shutdown).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn list_plugins(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let catalogue = Catalogue::load(file)?;
     let mut refused = 0;
     let mut views = Vec::new();
@@ -135,7 +466,7 @@ fn list_plugins(file: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> 
 }
 
 fn driver_test(
-    file: &std::path::Path,
+    file: &Path,
     set_name: &str,
     options: &conformance::Options,
 ) -> anyhow::Result<ExitCode> {

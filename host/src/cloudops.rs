@@ -1,0 +1,257 @@
+//! Policy around a driver's instance set: pacing (max cloud ops per second), a cap on
+//! concurrent creates, hold-offs after rate-limit, quota and capacity errors, default tags and
+//! tag filtering. Drivers stay simple; the host owns policy.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use driver_abi::{CapacityScope, CreateRequest, DriverError, Instance, InstanceSet, InstanceType, Tags};
+
+/// Why a create was not attempted or did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error("create held off: {0}")]
+    HeldOff(&'static str),
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+}
+
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub max_instances: usize,
+    pub ops_interval: Option<Duration>,
+    pub max_concurrent_creates: usize,
+    pub quota_holdoff: Duration,
+    pub capacity_holdoff: Duration,
+    /// Hold-off after the concurrency cap was hit.
+    pub create_cap_holdoff: Duration,
+    pub default_tags: Tags,
+}
+
+#[derive(Default)]
+struct State {
+    next_op_at: Option<Instant>,
+    creates_in_flight: usize,
+    create_held_until: Option<Instant>,
+    list_held_until: Option<Instant>,
+    /// At quota until this time (quota error with few instances)…
+    quota_until: Option<Instant>,
+    /// …or while the instance count is at least this.
+    quota_instances: Option<usize>,
+    /// Capacity hold-offs keyed by provider type (+"-preemptible"), quota group, or "".
+    capacity_until: HashMap<String, Instant>,
+}
+
+/// The wrapped instance set. Cheap to share; all methods may run concurrently.
+pub struct CloudOps {
+    set: Arc<dyn InstanceSet>,
+    policy: Policy,
+    /// std mutex: held only to read or update the bookkeeping, never across a driver call.
+    state: Mutex<State>,
+}
+
+fn until(t: SystemTime) -> Instant {
+    let wait = t.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+    Instant::now() + wait
+}
+
+fn type_key(t: &InstanceType) -> String {
+    if t.preemptible {
+        format!("{}-preemptible", t.provider_type)
+    } else {
+        t.provider_type.clone()
+    }
+}
+
+impl CloudOps {
+    pub fn new(set: Arc<dyn InstanceSet>, policy: Policy) -> Self {
+        CloudOps {
+            set,
+            policy,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for this operation's slot: one cloud op per interval, no bursts.
+    async fn pace(&self) {
+        let Some(interval) = self.policy.ops_interval else { return };
+        let slot = {
+            let mut st = self.state();
+            let now = Instant::now();
+            let slot = st.next_op_at.map_or(now, |t| t.max(now));
+            st.next_op_at = Some(slot + interval);
+            slot
+        };
+        tokio::time::sleep_until(slot.into()).await;
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(Arc<dyn InstanceSet>) -> Result<T, DriverError> + Send + 'static,
+    ) -> Result<T, DriverError> {
+        let set = Arc::clone(&self.set);
+        tokio::task::spawn_blocking(move || f(set))
+            .await
+            .map_err(|e| DriverError::other(format!("driver call did not finish: {e}")))?
+    }
+
+    /// True when no instance may be added: `max_instances` reached or a quota error in force.
+    pub fn at_quota(&self, instances_incl_pending: usize) -> bool {
+        if self.policy.max_instances > 0 && instances_incl_pending >= self.policy.max_instances {
+            return true;
+        }
+        let st = self.state();
+        if st.quota_until.is_some_and(|t| Instant::now() < t) {
+            return true;
+        }
+        st.quota_instances.is_some_and(|n| instances_incl_pending >= n)
+    }
+
+    /// Forget a quota learned from errors once the instance count dropped below it.
+    pub fn observe_instance_count(&self, instances: usize) {
+        let mut st = self.state();
+        if st.quota_instances.is_some_and(|n| instances < n) {
+            st.quota_instances = None;
+        }
+    }
+
+    pub fn at_capacity(&self, t: &InstanceType) -> bool {
+        let now = Instant::now();
+        let st = self.state();
+        let group = self.set.quota_group(t);
+        [type_key(t), format!("group:{group}"), String::new()]
+            .iter()
+            .any(|k| st.capacity_until.get(k).is_some_and(|until| now < *until))
+    }
+
+    pub fn create_held(&self) -> bool {
+        let st = self.state();
+        st.create_held_until.is_some_and(|t| Instant::now() < t)
+            || (self.policy.max_concurrent_creates > 0
+                && st.creates_in_flight >= self.policy.max_concurrent_creates)
+    }
+
+    /// The earliest moment a hold-off ends, so the scheduler can wake then.
+    pub fn next_holdoff_end(&self) -> Option<Instant> {
+        let st = self.state();
+        let now = Instant::now();
+        [st.create_held_until, st.list_held_until, st.quota_until]
+            .into_iter()
+            .flatten()
+            .chain(st.capacity_until.values().copied())
+            .filter(|t| *t > now)
+            .min()
+    }
+
+    pub async fn create(
+        &self,
+        mut request: CreateRequest,
+        instances_incl_pending: usize,
+    ) -> Result<Box<dyn Instance>, CreateError> {
+        {
+            let mut st = self.state();
+            let now = Instant::now();
+            if st.create_held_until.is_some_and(|t| now < t) {
+                return Err(CreateError::HeldOff("rate limited"));
+            }
+            if self.policy.max_concurrent_creates > 0
+                && st.creates_in_flight >= self.policy.max_concurrent_creates
+            {
+                st.create_held_until = Some(now + self.policy.create_cap_holdoff);
+                return Err(CreateError::HeldOff("too many creates in flight"));
+            }
+            st.creates_in_flight += 1;
+        }
+        let mut tags = self.policy.default_tags.clone();
+        tags.extend(std::mem::take(&mut request.tags));
+        request.tags = tags;
+        self.pace().await;
+        let instance_type = request.instance_type.clone();
+        let result = self.blocking(move |set| set.create(&request)).await;
+        let mut st = self.state();
+        st.creates_in_flight = st.creates_in_flight.saturating_sub(1);
+        match result {
+            Ok(i) => Ok(i),
+            Err(e) => {
+                let now = Instant::now();
+                match &e {
+                    DriverError::RateLimit { earliest_retry, .. } => {
+                        st.create_held_until = Some(until(*earliest_retry));
+                    }
+                    DriverError::Quota { .. } => {
+                        // With (almost) nothing running the quota may free up any time; with
+                        // instances running, wait until there are fewer of them.
+                        let n = instances_incl_pending.saturating_sub(1);
+                        if n < 1 {
+                            st.quota_until = Some(now + self.policy.quota_holdoff);
+                        } else {
+                            st.quota_instances = Some(n);
+                        }
+                    }
+                    DriverError::Capacity { scope, .. } => {
+                        let key = match scope {
+                            CapacityScope::InstanceType(_) => type_key(&instance_type),
+                            CapacityScope::QuotaGroup(g) => format!("group:{g}"),
+                            CapacityScope::All => String::new(),
+                        };
+                        st.capacity_until.insert(key, now + self.policy.capacity_holdoff);
+                    }
+                    _ => {}
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The set's instances carrying every default tag; `Ok(None)` while listing is held off.
+    pub async fn instances(&self) -> Result<Option<Vec<Arc<dyn Instance>>>, DriverError> {
+        if self.state().list_held_until.is_some_and(|t| Instant::now() < t) {
+            return Ok(None);
+        }
+        self.pace().await;
+        let filter = self.policy.default_tags.clone();
+        match self.blocking(move |set| set.instances(&filter)).await {
+            Ok(list) => {
+                let wanted = &self.policy.default_tags;
+                // Drivers may ignore the filter; the host does not rely on them.
+                Ok(Some(
+                    list.into_iter()
+                        .filter(|i| {
+                            let tags = i.tags();
+                            wanted.iter().all(|(k, v)| tags.get(k) == Some(v))
+                        })
+                        .map(Arc::from)
+                        .collect(),
+                ))
+            }
+            Err(DriverError::RateLimit { earliest_retry, message }) => {
+                self.state().list_held_until = Some(until(earliest_retry));
+                Err(DriverError::RateLimit { earliest_retry, message })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn destroy(&self, instance: Arc<dyn Instance>) -> Result<(), DriverError> {
+        self.pace().await;
+        self.blocking(move |_| instance.destroy()).await
+    }
+
+    pub async fn set_tags(&self, instance: Arc<dyn Instance>, tags: Tags) -> Result<(), DriverError> {
+        self.pace().await;
+        self.blocking(move |_| instance.set_tags(&tags)).await
+    }
+
+    pub fn quota_group(&self, t: &InstanceType) -> String {
+        self.set.quota_group(t)
+    }
+
+    pub fn stop(&self) {
+        self.set.stop()
+    }
+}

@@ -1,0 +1,141 @@
+//! Talking to one VM: boot probe, runner deployment (by hash), and the runner protocol.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use crate::runner::{ContainerSpec, RunList, DEPLOY_DIR};
+use crate::ssh::CommandOutput;
+
+/// What the pool needs to run commands on a VM. Implemented by `ssh::Executor`.
+pub trait Exec: Send + Sync {
+    fn run(&self, command: &str, stdin: &[u8]) -> impl Future<Output = Result<CommandOutput, String>> + Send;
+}
+
+impl Exec for crate::ssh::Executor {
+    async fn run(&self, command: &str, stdin: &[u8]) -> Result<CommandOutput, String> {
+        self.execute(command, stdin).await.map_err(|e| e.to_string())
+    }
+}
+
+/// The executable the host deploys to VMs: its own, identified by content hash.
+#[derive(Clone)]
+pub struct RunnerBinary {
+    pub bytes: Arc<Vec<u8>>,
+    pub sha256: String,
+}
+
+impl RunnerBinary {
+    pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        RunnerBinary {
+            bytes: Arc::new(bytes),
+            sha256,
+        }
+    }
+
+    /// This process's own executable.
+    pub fn current() -> std::io::Result<Self> {
+        Ok(Self::from_bytes(std::fs::read(std::env::current_exe()?)?))
+    }
+
+    /// Where it lives on a VM; `${DISPATCH_CLOUD_VM_ROOT}` is empty on a real VM.
+    pub fn remote_path(&self) -> String {
+        format!(
+            "${{DISPATCH_CLOUD_VM_ROOT}}/{DEPLOY_DIR}/dispatch-cloud-{}",
+            &self.sha256[..16]
+        )
+    }
+}
+
+/// Commands for one VM's runner.
+pub struct Remote<'a> {
+    pub binary: &'a RunnerBinary,
+    /// Prefix `sudo ` (remote user is not root).
+    pub sudo: bool,
+}
+
+fn failed(what: &str, out: &CommandOutput) -> String {
+    format!(
+        "{what}: exit {:?}: {}",
+        out.exit_status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    )
+}
+
+impl Remote<'_> {
+    fn runner(&self, args: &str) -> String {
+        format!(
+            "{}\"{}\" runner {args}",
+            if self.sudo { "sudo " } else { "" },
+            self.binary.remote_path()
+        )
+    }
+
+    /// Copies the binary unless the VM already has this exact content.
+    pub async fn deploy<E: Exec>(&self, exec: &E) -> Result<(), String> {
+        let path = self.binary.remote_path();
+        let check = exec.run(&format!("sha256sum \"{path}\" 2>/dev/null"), b"").await?;
+        let stdout = String::from_utf8_lossy(&check.stdout);
+        if check.success() && stdout.split_whitespace().next() == Some(self.binary.sha256.as_str()) {
+            return Ok(());
+        }
+        // Mode before content, rename last: a file with the right name is always complete.
+        let script = format!(
+            "set -e; dst=\"{path}\"; mkdir -p \"$(dirname \"$dst\")\"; tmp=\"$dst.tmp.$$\"; \
+             touch \"$tmp\"; chmod 0755 \"$tmp\"; cat >\"$tmp\"; mv \"$tmp\" \"$dst\""
+        );
+        let script = if self.sudo { format!("sudo sh -c '{script}'") } else { script };
+        let out = exec.run(&script, &self.binary.bytes).await?;
+        if !out.success() {
+            return Err(failed("deploying the runner", &out));
+        }
+        Ok(())
+    }
+
+    pub async fn list<E: Exec>(&self, exec: &E) -> Result<RunList, String> {
+        let out = exec.run(&self.runner("list"), b"").await?;
+        if !out.success() {
+            return Err(failed("runner list", &out));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("runner list: bad output: {e}"))
+    }
+
+    pub async fn start<E: Exec>(&self, exec: &E, spec: &ContainerSpec) -> Result<(), String> {
+        let stdin = serde_json::to_vec(spec).map_err(|e| e.to_string())?;
+        let out = exec.run(&self.runner("start"), &stdin).await?;
+        if !out.success() {
+            return Err(failed("runner start", &out));
+        }
+        Ok(())
+    }
+
+    /// True once the container is gone.
+    pub async fn kill<E: Exec>(&self, exec: &E, id: &str, signal: i32) -> Result<bool, String> {
+        let out = exec.run(&self.runner(&format!("kill {signal} {id}")), b"").await?;
+        Ok(out.success())
+    }
+
+    pub async fn logs<E: Exec>(&self, exec: &E, id: &str, stream: &str) -> Result<Vec<u8>, String> {
+        let out = exec.run(&self.runner(&format!("logs {id} {stream}")), b"").await?;
+        if !out.success() {
+            return Err(failed("runner logs", &out));
+        }
+        Ok(out.stdout)
+    }
+
+    pub async fn forget<E: Exec>(&self, exec: &E, id: &str) -> Result<(), String> {
+        let out = exec.run(&self.runner(&format!("forget {id}")), b"").await?;
+        if !out.success() {
+            return Err(failed("runner forget", &out));
+        }
+        Ok(())
+    }
+}
+
+/// Runs the boot probe; Ok(true) when it exits 0.
+pub async fn boot_probe<E: Exec>(exec: &E, command: &str) -> Result<bool, String> {
+    let command = if command.trim().is_empty() { "true" } else { command };
+    Ok(exec.run(command, b"").await?.success())
+}

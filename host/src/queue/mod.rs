@@ -1,0 +1,162 @@
+//! The containers of interest and their states.
+//!
+//! | from    | event                                  | to        |
+//! |---------|----------------------------------------|-----------|
+//! | —       | submit                                 | Queued    |
+//! | Queued  | scheduler locks it (lock_count += 1)   | Locked    |
+//! | Locked  | unlock (stale lock, over quota)        | Queued, or Cancelled past `max_dispatch_attempts` |
+//! | Locked  | runner started on a VM                 | Running   |
+//! | Locked  | runner seen exited (host crashed between start and record) | Complete |
+//! | Running | runner exited, result recorded         | Complete  |
+//! | Running | runner gone without a result           | Cancelled |
+//! | any non-final | cancel (user, unsatisfiable)     | Cancelled |
+//!
+//! Complete and Cancelled are final.
+
+pub mod sqlite;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use sqlite::SqliteQueue;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub enum ContainerState {
+    Queued,
+    Locked,
+    Running,
+    Complete,
+    Cancelled,
+}
+
+impl ContainerState {
+    pub fn is_final(self) -> bool {
+        matches!(self, ContainerState::Complete | ContainerState::Cancelled)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContainerState::Queued => "Queued",
+            ContainerState::Locked => "Locked",
+            ContainerState::Running => "Running",
+            ContainerState::Complete => "Complete",
+            ContainerState::Cancelled => "Cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            ContainerState::Queued,
+            ContainerState::Locked,
+            ContainerState::Running,
+            ContainerState::Complete,
+            ContainerState::Cancelled,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+    }
+}
+
+/// What a container needs from a VM.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConstraints {
+    pub vcpus: u32,
+    pub ram_bytes: u64,
+    pub scratch_bytes: u64,
+    pub gpus: u32,
+    pub preemptible: bool,
+}
+
+/// A submission.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewContainer {
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub working_dir: Option<String>,
+    #[serde(default)]
+    pub image: Option<String>,
+    #[serde(default = "default_priority")]
+    pub priority: i64,
+    #[serde(default)]
+    pub runtime_constraints: RuntimeConstraints,
+}
+
+fn default_priority() -> i64 {
+    1
+}
+
+/// A container as the queue stores it; also the API's JSON view.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Container {
+    pub id: String,
+    pub state: ContainerState,
+    pub priority: i64,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub working_dir: Option<String>,
+    pub image: Option<String>,
+    pub runtime_constraints: RuntimeConstraints,
+    pub lock_count: u32,
+    pub instance_type: Option<String>,
+    pub instance_id: Option<String>,
+    /// Submission order; breaks priority ties so equal-priority work does not flap.
+    pub seq: i64,
+    pub created_at_ms: i64,
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+    pub exit_code: Option<i32>,
+    pub runtime_error: Option<String>,
+    /// Directory holding `stdout` and `stderr` once the result is recorded.
+    pub log_dir: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("queue database {path}: {source}")]
+    Database {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error("no container {0}")]
+    NotFound(String),
+    #[error("container {id} is {state:?}: {message}")]
+    Conflict {
+        id: String,
+        state: ContainerState,
+        message: String,
+    },
+    #[error("invalid submission: {0}")]
+    Invalid(String),
+}
+
+/// The queue as the scheduler and the API use it. Implemented by [`SqliteQueue`]; later
+/// backends (PostgreSQL, the Arvados controller) implement the same trait.
+pub trait Queue: Send + Sync {
+    fn submit(&self, new: NewContainer) -> Result<Container, QueueError>;
+    fn get(&self, id: &str) -> Result<Container, QueueError>;
+    /// Every container, newest first; `active_only` limits it to Queued, Locked and Running.
+    fn list(&self, active_only: bool) -> Result<Vec<Container>, QueueError>;
+    /// Queued → Locked for `instance_type`; false if it was no longer Queued.
+    fn lock(&self, id: &str, instance_type: &str) -> Result<bool, QueueError>;
+    /// Locked → Queued; Cancelled instead once `lock_count` reached `max_attempts`.
+    fn unlock(&self, id: &str, max_attempts: u32) -> Result<ContainerState, QueueError>;
+    /// Locked → Running on `instance_id`.
+    fn set_running(&self, id: &str, instance_id: &str) -> Result<(), QueueError>;
+    /// Locked/Running → Complete with the runner's result.
+    fn complete(
+        &self,
+        id: &str,
+        exit_code: i32,
+        runtime_error: Option<&str>,
+        log_dir: &str,
+    ) -> Result<(), QueueError>;
+    /// Any non-final state → Cancelled, with `reason` as the runtime error.
+    fn cancel(&self, id: &str, reason: &str) -> Result<(), QueueError>;
+    fn set_priority(&self, id: &str, priority: i64) -> Result<(), QueueError>;
+}

@@ -1,0 +1,403 @@
+//! The embedded queue: one SQLite file (WAL), written by this host alone.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use super::{Container, ContainerState, NewContainer, Queue, QueueError, RuntimeConstraints};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+/// Append only: a released migration never changes.
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE containers (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        state TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        command TEXT NOT NULL,
+        env TEXT NOT NULL,
+        working_dir TEXT,
+        image TEXT,
+        vcpus INTEGER NOT NULL,
+        ram_bytes INTEGER NOT NULL,
+        scratch_bytes INTEGER NOT NULL,
+        gpus INTEGER NOT NULL,
+        preemptible INTEGER NOT NULL,
+        lock_count INTEGER NOT NULL DEFAULT 0,
+        instance_type TEXT,
+        instance_id TEXT,
+        created_at_ms INTEGER NOT NULL,
+        started_at_ms INTEGER,
+        finished_at_ms INTEGER,
+        exit_code INTEGER,
+        runtime_error TEXT,
+        log_dir TEXT
+    );
+    CREATE INDEX containers_active ON containers(state) WHERE state IN ('Queued','Locked','Running');",
+];
+
+pub struct SqliteQueue {
+    path: PathBuf,
+    cluster_id: String,
+    /// One connection: SQLite serializes writers anyway, and every statement here is short.
+    /// A std mutex, never held across an await.
+    conn: Mutex<Connection>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// `<cluster>-dz642-<15 random>`, the shape of the original's container UUIDs.
+fn new_id(cluster_id: &str) -> String {
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let bytes: [u8; 15] = rand::random();
+    let tail: String = bytes
+        .iter()
+        .map(|b| ALPHABET[usize::from(*b) % ALPHABET.len()] as char)
+        .collect();
+    format!("{cluster_id}-dz642-{tail}")
+}
+
+fn from_row(row: &Row<'_>) -> rusqlite::Result<Container> {
+    let state: String = row.get("state")?;
+    let command: String = row.get("command")?;
+    let env: String = row.get("env")?;
+    let json_err = |e: serde_json::Error| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    };
+    Ok(Container {
+        id: row.get("id")?,
+        state: ContainerState::parse(&state).unwrap_or(ContainerState::Cancelled),
+        priority: row.get("priority")?,
+        command: serde_json::from_str(&command).map_err(json_err)?,
+        env: serde_json::from_str(&env).map_err(json_err)?,
+        working_dir: row.get("working_dir")?,
+        image: row.get("image")?,
+        runtime_constraints: RuntimeConstraints {
+            vcpus: row.get("vcpus")?,
+            ram_bytes: row.get::<_, i64>("ram_bytes")?.max(0).unsigned_abs(),
+            scratch_bytes: row.get::<_, i64>("scratch_bytes")?.max(0).unsigned_abs(),
+            gpus: row.get("gpus")?,
+            preemptible: row.get("preemptible")?,
+        },
+        lock_count: row.get("lock_count")?,
+        instance_type: row.get("instance_type")?,
+        instance_id: row.get("instance_id")?,
+        seq: row.get("seq")?,
+        created_at_ms: row.get("created_at_ms")?,
+        started_at_ms: row.get("started_at_ms")?,
+        finished_at_ms: row.get("finished_at_ms")?,
+        exit_code: row.get("exit_code")?,
+        runtime_error: row.get("runtime_error")?,
+        log_dir: row.get("log_dir")?,
+    })
+}
+
+impl SqliteQueue {
+    pub fn open(path: &Path, cluster_id: &str) -> Result<Self, QueueError> {
+        let db_err = |source| QueueError::Database {
+            path: path.display().to_string(),
+            source,
+        };
+        let mut conn = Connection::open(path).map_err(db_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
+        // NORMAL in WAL mode is durable across application crashes (kill -9), which is the
+        // failure the tests and operators care about; only an OS crash may lose the last commit.
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(db_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(db_err)?;
+        let version: usize = conn
+            .pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))
+            .map_err(db_err)?
+            .max(0)
+            .unsigned_abs() as usize;
+        if version > MIGRATIONS.len() {
+            return Err(QueueError::Invalid(format!(
+                "{} has schema version {version}, newer than this build knows ({})",
+                path.display(),
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, migration) in MIGRATIONS.iter().enumerate().skip(version) {
+            let tx = conn.transaction().map_err(db_err)?;
+            tx.execute_batch(migration).map_err(db_err)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(db_err)?;
+            tx.commit().map_err(db_err)?;
+        }
+        Ok(SqliteQueue {
+            path: path.to_path_buf(),
+            cluster_id: cluster_id.to_string(),
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn db_err(&self, source: rusqlite::Error) -> QueueError {
+        QueueError::Database {
+            path: self.path.display().to_string(),
+            source,
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, QueueError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn).map_err(|e| self.db_err(e))
+    }
+
+    /// Moves `id` from one of `from` to `to` with `set` (extra assignments); reports why not.
+    fn transition(
+        &self,
+        id: &str,
+        from: &[ContainerState],
+        to: ContainerState,
+        set: &str,
+        args: &[&dyn rusqlite::ToSql],
+    ) -> Result<(), QueueError> {
+        let from_list = from
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(",");
+        let sql = format!(
+            "UPDATE containers SET state = '{}'{}{set} WHERE id = ?1 AND state IN ({from_list})",
+            to.as_str(),
+            if set.is_empty() { "" } else { ", " }
+        );
+        let mut all: Vec<&dyn rusqlite::ToSql> = vec![&id];
+        all.extend_from_slice(args);
+        let changed = self.with(|c| c.execute(&sql, all.as_slice()))?;
+        if changed == 1 {
+            return Ok(());
+        }
+        let current = self.get(id)?;
+        Err(QueueError::Conflict {
+            id: id.to_string(),
+            state: current.state,
+            message: format!("cannot become {to:?}"),
+        })
+    }
+}
+
+impl Queue for SqliteQueue {
+    fn submit(&self, new: NewContainer) -> Result<Container, QueueError> {
+        if new.command.is_empty() {
+            return Err(QueueError::Invalid("command: must not be empty".into()));
+        }
+        if new.priority < 0 {
+            return Err(QueueError::Invalid("priority: must be 0 or more".into()));
+        }
+        let id = new_id(&self.cluster_id);
+        let rc = &new.runtime_constraints;
+        let command = serde_json::to_string(&new.command).map_err(|e| QueueError::Invalid(e.to_string()))?;
+        let env = serde_json::to_string(&new.env).map_err(|e| QueueError::Invalid(e.to_string()))?;
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO containers (id, state, priority, command, env, working_dir, image,
+                    vcpus, ram_bytes, scratch_bytes, gpus, preemptible, created_at_ms)
+                 VALUES (?1, 'Queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                params![
+                    id,
+                    new.priority,
+                    command,
+                    env,
+                    new.working_dir,
+                    new.image,
+                    rc.vcpus,
+                    i64::try_from(rc.ram_bytes).unwrap_or(i64::MAX),
+                    i64::try_from(rc.scratch_bytes).unwrap_or(i64::MAX),
+                    rc.gpus,
+                    rc.preemptible,
+                    now_ms()
+                ],
+            )
+        })?;
+        self.get(&id)
+    }
+
+    fn get(&self, id: &str) -> Result<Container, QueueError> {
+        self.with(|c| {
+            c.query_row("SELECT * FROM containers WHERE id = ?1", [id], from_row)
+                .optional()
+        })?
+        .ok_or_else(|| QueueError::NotFound(id.to_string()))
+    }
+
+    fn list(&self, active_only: bool) -> Result<Vec<Container>, QueueError> {
+        let sql = if active_only {
+            "SELECT * FROM containers WHERE state IN ('Queued','Locked','Running') ORDER BY seq"
+        } else {
+            "SELECT * FROM containers ORDER BY seq DESC"
+        };
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(sql)?;
+            let rows = stmt.query_map([], from_row)?;
+            rows.collect()
+        })
+    }
+
+    fn lock(&self, id: &str, instance_type: &str) -> Result<bool, QueueError> {
+        let changed = self.with(|c| {
+            c.execute(
+                "UPDATE containers SET state = 'Locked', lock_count = lock_count + 1, instance_type = ?2
+                 WHERE id = ?1 AND state = 'Queued'",
+                params![id, instance_type],
+            )
+        })?;
+        Ok(changed == 1)
+    }
+
+    fn unlock(&self, id: &str, max_attempts: u32) -> Result<ContainerState, QueueError> {
+        let c = self.get(id)?;
+        if max_attempts > 0 && c.lock_count >= max_attempts {
+            self.transition(
+                id,
+                &[ContainerState::Locked],
+                ContainerState::Cancelled,
+                "runtime_error = ?2, finished_at_ms = ?3",
+                &[
+                    &format!("Cancelled after exceeding max_dispatch_attempts ({max_attempts})"),
+                    &now_ms(),
+                ],
+            )?;
+            return Ok(ContainerState::Cancelled);
+        }
+        self.transition(
+            id,
+            &[ContainerState::Locked],
+            ContainerState::Queued,
+            "instance_id = NULL",
+            &[],
+        )?;
+        Ok(ContainerState::Queued)
+    }
+
+    fn set_running(&self, id: &str, instance_id: &str) -> Result<(), QueueError> {
+        self.transition(
+            id,
+            &[ContainerState::Locked],
+            ContainerState::Running,
+            "instance_id = ?2, started_at_ms = ?3",
+            &[&instance_id, &now_ms()],
+        )
+    }
+
+    fn complete(
+        &self,
+        id: &str,
+        exit_code: i32,
+        runtime_error: Option<&str>,
+        log_dir: &str,
+    ) -> Result<(), QueueError> {
+        self.transition(
+            id,
+            &[ContainerState::Locked, ContainerState::Running],
+            ContainerState::Complete,
+            "exit_code = ?2, runtime_error = ?3, log_dir = ?4, finished_at_ms = ?5,
+             started_at_ms = COALESCE(started_at_ms, ?5)",
+            &[&exit_code, &runtime_error, &log_dir, &now_ms()],
+        )
+    }
+
+    fn cancel(&self, id: &str, reason: &str) -> Result<(), QueueError> {
+        self.transition(
+            id,
+            &[
+                ContainerState::Queued,
+                ContainerState::Locked,
+                ContainerState::Running,
+            ],
+            ContainerState::Cancelled,
+            "runtime_error = ?2, finished_at_ms = ?3",
+            &[&reason, &now_ms()],
+        )
+    }
+
+    fn set_priority(&self, id: &str, priority: i64) -> Result<(), QueueError> {
+        if priority < 0 {
+            return Err(QueueError::Invalid("priority: must be 0 or more".into()));
+        }
+        let changed = self.with(|c| {
+            c.execute(
+                "UPDATE containers SET priority = ?2 WHERE id = ?1",
+                params![id, priority],
+            )
+        })?;
+        if changed == 0 {
+            return Err(QueueError::NotFound(id.to_string()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue() -> (tempfile::TempDir, SqliteQueue) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let q = SqliteQueue::open(&dir.path().join("queue.sqlite"), "zzzzz").expect("open");
+        (dir, q)
+    }
+
+    fn submit(q: &SqliteQueue) -> Container {
+        q.submit(NewContainer {
+            command: vec!["echo".into(), "hi".into()],
+            priority: 5,
+            ..Default::default()
+        })
+        .expect("submit")
+    }
+
+    #[test]
+    fn a_container_walks_its_states_and_final_states_stick() {
+        let (_d, q) = queue();
+        let c = submit(&q);
+        assert_eq!(c.state, ContainerState::Queued);
+        assert!(c.id.starts_with("zzzzz-dz642-"));
+        assert!(q.lock(&c.id, "small").expect("lock"));
+        assert!(!q.lock(&c.id, "small").expect("second lock"), "locked twice");
+        q.set_running(&c.id, "i-1").expect("run");
+        q.complete(&c.id, 3, None, "/logs/x").expect("complete");
+        let done = q.get(&c.id).expect("get");
+        assert_eq!((done.state, done.exit_code, done.lock_count), (ContainerState::Complete, Some(3), 1));
+        assert!(q.cancel(&c.id, "late").is_err(), "final state changed");
+        assert!(q.complete(&c.id, 0, None, "/x").is_err(), "completed twice");
+    }
+
+    #[test]
+    fn unlocking_past_the_attempt_limit_cancels() {
+        let (_d, q) = queue();
+        let c = submit(&q);
+        for _ in 0..2 {
+            assert!(q.lock(&c.id, "small").expect("lock"));
+            assert_eq!(q.unlock(&c.id, 3).expect("unlock"), ContainerState::Queued);
+        }
+        assert!(q.lock(&c.id, "small").expect("lock"));
+        assert_eq!(q.unlock(&c.id, 3).expect("unlock"), ContainerState::Cancelled);
+        assert!(q.get(&c.id).expect("get").runtime_error.expect("reason").contains("max_dispatch_attempts"));
+    }
+
+    #[test]
+    fn reopening_keeps_everything_and_does_not_rerun_migrations() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("queue.sqlite");
+        let id = {
+            let q = SqliteQueue::open(&path, "zzzzz").expect("open");
+            submit(&q).id
+        };
+        let q = SqliteQueue::open(&path, "zzzzz").expect("reopen");
+        assert_eq!(q.get(&id).expect("get").command, vec!["echo", "hi"]);
+        assert_eq!(q.list(true).expect("list").len(), 1);
+    }
+
+    #[test]
+    fn bad_submissions_name_the_field() {
+        let (_d, q) = queue();
+        let err = q.submit(NewContainer::default()).expect_err("empty");
+        assert!(err.to_string().contains("command"), "{err}");
+    }
+}

@@ -1,0 +1,11 @@
+//! The scheduler as a pure function: queue and pool state in, actions out.
+//!
+//! `plan` runs the mapper (reference §3: order, cheapest fitting type within the price factor,
+//! packing, quota and capacity handling, next-in-line keeps its lock) and the syncer (reference
+//! §1.2: reconcile the queue with what runners report). It neither calls a driver nor touches
+//! the queue: the dispatcher carries out the actions, so every rule here is testable as a table
+//! and the whole pass is benchmarkable in memory.
+
+pub mod plan;
+
+pub use plan::{plan, Action, PlanInput, RunnerSeen, WorkerSlot, WorkerStatus};

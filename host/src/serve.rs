@@ -1,0 +1,134 @@
+//! `dispatch-cloud serve`: wires config, queue, plugin, wrappers, dispatcher and API together.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context};
+use russh::keys::PrivateKey;
+
+use crate::api::{self, ApiState};
+use crate::cloudops::{CloudOps, Policy};
+use crate::config::{seconds, ClusterConfig};
+use crate::dispatcher::Dispatcher;
+use crate::plugin::{self, Catalogue};
+use crate::pool::probe::RunnerBinary;
+use crate::queue::SqliteQueue;
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)
+}
+
+/// The dispatcher's SSH key, generated (0600) on first start.
+pub fn load_or_create_key(path: &Path) -> anyhow::Result<PrivateKey> {
+    if path.exists() {
+        return PrivateKey::read_openssh_file(path).with_context(|| format!("SSH key {}", path.display()));
+    }
+    let key = crate::ssh::generate_key().context("generating the SSH key")?;
+    let text = key
+        .to_openssh(russh::keys::ssh_key::LineEnding::LF)
+        .context("encoding the SSH key")?;
+    write_private(path, text.as_bytes()).with_context(|| format!("writing SSH key {}", path.display()))?;
+    log::info!("Generated SSH key {}.", path.display());
+    Ok(key)
+}
+
+/// The API tokens: the config's, or one generated into `<state_dir>/api-token` (0600).
+pub fn load_or_create_tokens(config: &ClusterConfig) -> anyhow::Result<Vec<String>> {
+    if !config.tokens.is_empty() {
+        return Ok(config.tokens.clone());
+    }
+    let path = config.token_path();
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        return Ok(vec![text.trim().to_string()]);
+    }
+    let token = hex::encode(rand::random::<[u8; 24]>());
+    write_private(&path, token.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    Ok(vec![token])
+}
+
+/// Runs the dispatcher and its API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    config: ClusterConfig,
+    plugins_file: &Path,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("state dir {}", config.state_dir.display()))?;
+    let key = Arc::new(load_or_create_key(&config.ssh_key_path())?);
+    let tokens = load_or_create_tokens(&config)?;
+    let queue = Arc::new(SqliteQueue::open(&config.queue_path(), &config.cluster_id)?);
+
+    let catalogue = Catalogue::load(plugins_file)?;
+    let entry = catalogue
+        .instance_set(&config.instance_set)
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: no instance set named {:?} (cluster config instance_set)",
+                plugins_file.display(),
+                config.instance_set
+            )
+        })?
+        .clone();
+    let plugin_entry = catalogue
+        .plugin(&entry.driver)
+        .ok_or_else(|| anyhow!("{}: no plugin named {:?}", plugins_file.display(), entry.driver))?
+        .clone();
+    let set = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let loaded = plugin::load(&plugin_entry)?;
+        let set = loaded
+            .new_instance_set(&entry, &Default::default())
+            .with_context(|| format!("instance set {} on driver {}", entry.name, loaded.driver_name))?;
+        Ok(set)
+    })
+    .await??;
+
+    let limits = &config.limits;
+    let cloud = Arc::new(CloudOps::new(
+        Arc::from(set),
+        Policy {
+            max_instances: limits.max_instances,
+            ops_interval: (limits.max_cloud_ops_per_second > 0.0)
+                .then(|| std::time::Duration::from_secs_f64(1.0 / limits.max_cloud_ops_per_second)),
+            max_concurrent_creates: limits.max_concurrent_instance_create_ops,
+            quota_holdoff: seconds(config.timeouts.quota_holdoff_seconds),
+            capacity_holdoff: seconds(config.timeouts.capacity_holdoff_seconds),
+            create_cap_holdoff: std::time::Duration::from_secs(5).min(seconds(config.timeouts.probe_interval_seconds)),
+            default_tags: config.resource_tags.clone(),
+        },
+    ));
+    let binary = RunnerBinary::current().context("reading this executable to deploy it to VMs")?;
+    let dispatcher = Dispatcher::new(config.clone(), queue.clone(), cloud, key, binary)?;
+    let handle = dispatcher.handle();
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut dispatcher_stop = stop_rx.clone();
+    let dispatcher_task = tokio::spawn(dispatcher.run(async move {
+        let _ = dispatcher_stop.changed().await;
+    }));
+    let app = api::router(ApiState {
+        queue,
+        dispatcher: handle,
+        tokens: Arc::new(tokens),
+    });
+    log::info!("Serving the API on {}.", listener.local_addr()?);
+    let mut api_stop = stop_rx;
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = api_stop.changed().await;
+        })
+        .await?;
+    dispatcher_task.await?;
+    Ok(())
+}
