@@ -187,6 +187,8 @@ pub struct ClusterConfig {
     pub resource_tags: BTreeMap<String, String>,
     /// The dispatcher's SSH key; generated (0600) on first start when absent.
     pub ssh_key: Option<PathBuf>,
+    /// A runner already installed on the VM image; unset = deploy this executable (by hash).
+    pub runner_path: Option<String>,
     /// The queue's SQLite file; default `<state_dir>/queue.sqlite`.
     pub queue_path: Option<PathBuf>,
     pub timeouts: Timeouts,
@@ -220,6 +222,7 @@ impl Default for ClusterConfig {
             boot_probe_command: "true".into(),
             resource_tags: BTreeMap::new(),
             ssh_key: None,
+            runner_path: None,
             queue_path: None,
             timeouts: Timeouts::default(),
             limits: Limits::default(),

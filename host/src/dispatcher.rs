@@ -103,8 +103,10 @@ struct Worker {
     next_probe_at: Instant,
     /// From the last run probe.
     runners: HashMap<String, RunState>,
-    /// Started by this process, not yet seen by a probe.
-    starting: HashSet<String>,
+    /// Started by this process, not yet seen by a probe: `None` while the start command runs,
+    /// then when it returned. A probe that began after that and does not list it means the
+    /// runner is gone.
+    starting: HashMap<String, Option<Instant>>,
     booted: bool,
     shutdown_at: Option<Instant>,
     destroying: bool,
@@ -139,7 +141,8 @@ pub struct Dispatcher {
     handle: DispatcherHandle,
     started_at: Instant,
     listed_once: bool,
-    listing: bool,
+    /// When the listing in flight was launched; workers added after it are not "gone".
+    listing: Option<Instant>,
     next_sync_at: Instant,
     next_probe_slot: Instant,
     /// Locked containers found at start-up: unlocked once the pool has recovered unless a
@@ -189,7 +192,7 @@ impl Dispatcher {
             },
             started_at: now,
             listed_once: false,
-            listing: false,
+            listing: None,
             next_sync_at: now,
             next_probe_slot: now,
             stale_locks: Some(stale),
@@ -311,7 +314,7 @@ impl Dispatcher {
                 probing: false,
                 next_probe_at: now,
                 runners: HashMap::new(),
-                starting: HashSet::new(),
+                starting: HashMap::new(),
                 booted: false,
                 shutdown_at: None,
                 destroying: false,
@@ -323,10 +326,10 @@ impl Dispatcher {
     fn apply(&mut self, event: Event) {
         match event {
             Event::Listed(result) => {
-                self.listing = false;
+                let launched = self.listing.take().unwrap_or_else(Instant::now);
                 self.next_sync_at = Instant::now() + seconds(self.t().sync_interval_seconds);
                 match result {
-                    Ok(Some(list)) => self.apply_listing(list),
+                    Ok(Some(list)) => self.apply_listing(list, launched),
                     Ok(None) => {}
                     Err(e) => log::warn!("Listing instances failed: {e}"),
                 }
@@ -374,10 +377,12 @@ impl Dispatcher {
                 self.busy.remove(&container);
                 match result {
                     Ok(()) => {
+                        let mut type_name = None;
                         if let Some(w) = self.workers.get_mut(&worker) {
-                            w.runners.entry(container.clone()).or_insert(RunState::Running);
+                            w.starting.insert(container.clone(), Some(Instant::now()));
+                            type_name = w.type_name.clone();
                         }
-                        match self.queue.set_running(&container, &worker) {
+                        match self.queue.set_running(&container, &worker, type_name.as_deref()) {
                             Ok(()) => log::info!("container={container} instance={worker} from=Locked to=Running"),
                             Err(e) => log::warn!("container={container} started, but recording it failed: {e}"),
                         }
@@ -409,7 +414,7 @@ impl Dispatcher {
         }
     }
 
-    fn apply_listing(&mut self, list: Vec<Arc<dyn Instance>>) {
+    fn apply_listing(&mut self, list: Vec<Arc<dyn Instance>>, launched: Instant) {
         let secrets: HashSet<&str> = self.pending.values().map(|p| p.secret.as_str()).collect();
         let mut seen = HashSet::new();
         let mut fresh = Vec::new();
@@ -435,7 +440,7 @@ impl Dispatcher {
         let gone: Vec<String> = self
             .workers
             .iter()
-            .filter(|(id, w)| !seen.contains(*id) && w.appeared_at < Instant::now() - Duration::from_millis(1))
+            .filter(|(id, w)| !seen.contains(*id) && w.appeared_at < launched)
             .map(|(id, _)| id.clone())
             .collect();
         for id in gone {
@@ -466,7 +471,8 @@ impl Dispatcher {
             Ok(list) => {
                 w.last_probe_ok = Some(started);
                 w.runners = list.containers.iter().map(|e| (e.id.clone(), e.state.clone())).collect();
-                w.starting.retain(|c| !w.runners.contains_key(c));
+                let listed = &w.runners;
+                w.starting.retain(|c, done| !listed.contains_key(c) && done.is_none_or(|t| started < t));
                 w.gave_up.retain(|c| w.runners.get(c) == Some(&RunState::Running));
                 let active = w.runners.values().filter(|s| **s == RunState::Running).count() + w.starting.len();
                 let before = w.status.clone();
@@ -533,8 +539,8 @@ impl Dispatcher {
     /// One round: cloud sync, probes, worker timeouts, then the scheduler's plan.
     fn pass(&mut self) {
         let now = Instant::now();
-        if !self.listing && now >= self.next_sync_at {
-            self.listing = true;
+        if self.listing.is_none() && now >= self.next_sync_at {
+            self.listing = Some(now);
             let cloud = Arc::clone(&self.cloud);
             self.spawn(async move { Some(Event::Listed(cloud.instances().await.map_err(|e| e.to_string()))) });
         }
@@ -640,7 +646,7 @@ impl Dispatcher {
         let running: HashSet<&String> = self
             .workers
             .values()
-            .flat_map(|w| w.runners.keys().chain(w.starting.iter()))
+            .flat_map(|w| w.runners.keys().chain(w.starting.keys()))
             .collect();
         for id in stale.iter().filter(|id| !running.contains(id)) {
             match self.queue.unlock(id, self.config.limits.max_dispatch_attempts) {
@@ -668,7 +674,7 @@ impl Dispatcher {
                 };
                 runners.insert(cid.clone(), seen);
             }
-            for cid in &w.starting {
+            for cid in w.starting.keys() {
                 runners.entry(cid.clone()).or_insert(RunnerSeen::Running { worker: wid.clone() });
             }
         }
@@ -749,7 +755,10 @@ impl Dispatcher {
                     Ok(()) => log::info!("container={container} to=Cancelled reason={reason:?}"),
                     Err(e) => log::debug!("container={container} cancel: {e}"),
                 },
-                Action::Adopt { container, worker } => match self.queue.set_running(&container, &worker) {
+                Action::Adopt { container, worker } => match self
+                    .queue
+                    .set_running(&container, &worker, self.workers.get(&worker).and_then(|w| w.type_name.as_deref()))
+                {
                     Ok(()) => log::info!("container={container} instance={worker} from=Locked to=Running (adopted)"),
                     Err(e) => log::debug!("container={container} adopt: {e}"),
                 },
@@ -787,7 +796,7 @@ impl Dispatcher {
         if w.status == WorkerStatus::Shutdown {
             return;
         }
-        w.starting.insert(c.id.clone());
+        w.starting.insert(c.id.clone(), None);
         w.status = WorkerStatus::Running;
         w.busy_at = Instant::now();
         self.busy.insert(c.id.clone());
@@ -972,7 +981,7 @@ impl Dispatcher {
                     .iter()
                     .filter(|(_, s)| **s == RunState::Running)
                     .map(|(c, _)| c.clone())
-                    .chain(w.starting.iter().cloned())
+                    .chain(w.starting.keys().cloned())
                     .collect();
                 containers.sort();
                 containers.dedup();

@@ -104,7 +104,10 @@ pub async fn serve(
             default_tags: config.resource_tags.clone(),
         },
     ));
-    let binary = RunnerBinary::current().context("reading this executable to deploy it to VMs")?;
+    let binary = match &config.runner_path {
+        Some(path) => RunnerBinary::installed(path),
+        None => RunnerBinary::current().context("reading this executable to deploy it to VMs")?,
+    };
     let dispatcher = Dispatcher::new(config.clone(), queue.clone(), cloud, key, binary)?;
     let handle = dispatcher.handle();
 

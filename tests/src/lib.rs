@@ -132,6 +132,21 @@ impl Default for LoopbackCloud {
 impl Drop for LoopbackCloud {
     fn drop(&mut self) {
         self.stop_daemon();
+        kill_processes_under(self.state_dir());
+    }
+}
+
+/// Kills every process whose `DISPATCH_CLOUD_VM_ROOT` lies under `dir`: what loopback VMs of a
+/// failed test left running (detached runners) must not outlive it.
+pub fn kill_processes_under(dir: &Path) {
+    let prefix = format!("DISPATCH_CLOUD_VM_ROOT={}", dir.display());
+    let Ok(procs) = std::fs::read_dir("/proc") else { return };
+    for entry in procs.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else { continue };
+        if environ.split(|b| *b == 0).any(|v| v.starts_with(prefix.as_bytes())) {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+        }
     }
 }
 
@@ -206,4 +221,162 @@ pub fn rss_kib(pid: i32) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// A `dispatch-cloud serve` process on a loopback cloud of its own, with compressed timeouts.
+/// Killed (and its cloud stopped) when dropped.
+pub struct ServeHarness {
+    pub cloud: LoopbackCloud,
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub token: String,
+    config_file: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+/// Cluster config with timeouts compressed from minutes into fractions of a second
+/// (`idle_seconds` is added by the harness).
+pub const FAST_CLUSTER_CONFIG: &str = r#"
+tokens = ["test-token"]
+[timeouts]
+probe_interval_seconds = 0.1
+sync_interval_seconds = 0.5
+booting_seconds = 60
+probe_seconds = 20
+shutdown_seconds = 0.5
+signal_seconds = 0.1
+term_seconds = 5
+stale_lock_seconds = 10
+quota_holdoff_seconds = 0.5
+capacity_holdoff_seconds = 0.5
+[limits]
+max_cloud_ops_per_second = 200
+max_probes_per_second = 500
+max_concurrent_instance_create_ops = 8
+maximum_price_factor = 1.5
+max_dispatch_attempts = 50
+"#;
+
+impl ServeHarness {
+    /// `cluster_extra` is appended to the cluster config (e.g. `[[instance_types]]` tables);
+    /// `loopback_extra` to the instance set's parameters. VMs use the built binary as their
+    /// runner (loopback VMs share this machine) unless `deploy` asks for real deployment.
+    pub fn start(cluster_extra: &str, loopback_extra: &str) -> Self {
+        Self::start_with(cluster_extra, loopback_extra, false)
+    }
+
+    pub fn start_with(cluster_extra: &str, loopback_extra: &str, deploy: bool) -> Self {
+        Self::start_full(cluster_extra, loopback_extra, deploy, 1.5)
+    }
+
+    pub fn start_full(cluster_extra: &str, loopback_extra: &str, deploy: bool, idle_seconds: f64) -> Self {
+        let cloud = LoopbackCloud::new();
+        let dir = tempfile::Builder::new().prefix("dcs").tempdir_in("/tmp").expect("tmp");
+        let plugins = write_plugins_toml(
+            dir.path(),
+            &loopback_catalogue_text(&cloud, "zzzzz-zzzzz-servetest000000", loopback_extra),
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let config_file = dir.path().join("cluster.toml");
+        std::fs::write(
+            &config_file,
+            format!(
+                "state_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\nplugins = {:?}\ninstance_set = \"test\"\n{}{}\n{cluster_extra}\n",
+                dir.path().join("state").display().to_string(),
+                plugins.display().to_string(),
+                if deploy {
+                    String::new()
+                } else {
+                    format!("runner_path = {:?}\n", built("dispatch-cloud").display().to_string())
+                },
+                FAST_CLUSTER_CONFIG.replace("[timeouts]\n", &format!("[timeouts]\nidle_seconds = {idle_seconds}\n")),
+            ),
+        )
+        .expect("write config");
+        let mut h = ServeHarness {
+            cloud,
+            dir,
+            url: format!("http://127.0.0.1:{port}"),
+            token: "test-token".into(),
+            config_file,
+            child: None,
+        };
+        h.spawn();
+        h
+    }
+
+    pub fn config_file(&self) -> &Path {
+        &self.config_file
+    }
+
+    /// Starts (or restarts) the serve process and waits until its API answers.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("serve.log"))
+            .expect("log");
+        let child = Command::new(built("dispatch-cloud"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config_file)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start serve");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if self.client().list().is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("serve did not answer; log:\n{}", self.log());
+    }
+
+    /// kill -9, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn client(&self) -> dispatch_cloud::client::Client {
+        dispatch_cloud::client::Client::new(&self.url, &self.token)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
+    }
+
+    /// Waits until `done` holds, or panics with `what` and the serve log after `timeout`.
+    pub fn wait_for(&self, what: &str, timeout: std::time::Duration, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if done() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let log = self.log();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        panic!("timed out waiting for {what}; serve log tail:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+    }
+}
+
+impl Drop for ServeHarness {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            // Keep the evidence: the temporary directory goes away with the harness.
+            let _ = std::fs::copy(self.dir.path().join("serve.log"), "/tmp/dispatch-cloud-failed-serve.log");
+        }
+    }
 }

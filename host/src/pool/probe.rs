@@ -19,11 +19,13 @@ impl Exec for crate::ssh::Executor {
     }
 }
 
-/// The executable the host deploys to VMs: its own, identified by content hash.
+/// The executable that runs `runner` on VMs: the host's own, deployed and identified by
+/// content hash, or one already installed on the image (`runner_path` in the config).
 #[derive(Clone)]
 pub struct RunnerBinary {
     pub bytes: Arc<Vec<u8>>,
     pub sha256: String,
+    installed: Option<String>,
 }
 
 impl RunnerBinary {
@@ -32,6 +34,16 @@ impl RunnerBinary {
         RunnerBinary {
             bytes: Arc::new(bytes),
             sha256,
+            installed: None,
+        }
+    }
+
+    /// A runner already present on every VM at `path`: nothing is deployed.
+    pub fn installed(path: &str) -> Self {
+        RunnerBinary {
+            bytes: Arc::new(Vec::new()),
+            sha256: String::new(),
+            installed: Some(path.to_string()),
         }
     }
 
@@ -42,6 +54,9 @@ impl RunnerBinary {
 
     /// Where it lives on a VM; `${DISPATCH_CLOUD_VM_ROOT}` is empty on a real VM.
     pub fn remote_path(&self) -> String {
+        if let Some(path) = &self.installed {
+            return path.clone();
+        }
         format!(
             "${{DISPATCH_CLOUD_VM_ROOT}}/{DEPLOY_DIR}/dispatch-cloud-{}",
             &self.sha256[..16]
@@ -75,6 +90,9 @@ impl Remote<'_> {
 
     /// Copies the binary unless the VM already has this exact content.
     pub async fn deploy<E: Exec>(&self, exec: &E) -> Result<(), String> {
+        if self.binary.installed.is_some() {
+            return Ok(());
+        }
         let path = self.binary.remote_path();
         let check = exec.run(&format!("sha256sum \"{path}\" 2>/dev/null"), b"").await?;
         let stdout = String::from_utf8_lossy(&check.stdout);

@@ -146,8 +146,8 @@ pub trait Queue: Send + Sync {
     fn lock(&self, id: &str, instance_type: &str) -> Result<bool, QueueError>;
     /// Locked → Queued; Cancelled instead once `lock_count` reached `max_attempts`.
     fn unlock(&self, id: &str, max_attempts: u32) -> Result<ContainerState, QueueError>;
-    /// Locked → Running on `instance_id`.
-    fn set_running(&self, id: &str, instance_id: &str) -> Result<(), QueueError>;
+    /// Locked → Running on `instance_id`, of `instance_type` when known.
+    fn set_running(&self, id: &str, instance_id: &str, instance_type: Option<&str>) -> Result<(), QueueError>;
     /// Locked/Running → Complete with the runner's result.
     fn complete(
         &self,

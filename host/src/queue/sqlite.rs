@@ -275,13 +275,13 @@ impl Queue for SqliteQueue {
         Ok(ContainerState::Queued)
     }
 
-    fn set_running(&self, id: &str, instance_id: &str) -> Result<(), QueueError> {
+    fn set_running(&self, id: &str, instance_id: &str, instance_type: Option<&str>) -> Result<(), QueueError> {
         self.transition(
             id,
             &[ContainerState::Locked],
             ContainerState::Running,
-            "instance_id = ?2, started_at_ms = ?3",
-            &[&instance_id, &now_ms()],
+            "instance_id = ?2, started_at_ms = ?3, instance_type = COALESCE(?4, instance_type)",
+            &[&instance_id, &now_ms(), &instance_type],
         )
     }
 
@@ -360,10 +360,11 @@ mod tests {
         assert!(c.id.starts_with("zzzzz-dz642-"));
         assert!(q.lock(&c.id, "small").expect("lock"));
         assert!(!q.lock(&c.id, "small").expect("second lock"), "locked twice");
-        q.set_running(&c.id, "i-1").expect("run");
+        q.set_running(&c.id, "i-1", Some("medium")).expect("run");
         q.complete(&c.id, 3, None, "/logs/x").expect("complete");
         let done = q.get(&c.id).expect("get");
         assert_eq!((done.state, done.exit_code, done.lock_count), (ContainerState::Complete, Some(3), 1));
+        assert_eq!(done.instance_type.as_deref(), Some("medium"), "the type it ran on");
         assert!(q.cancel(&c.id, "late").is_err(), "final state changed");
         assert!(q.complete(&c.id, 0, None, "/x").is_err(), "completed twice");
     }

@@ -171,6 +171,12 @@ struct Slot<'a> {
     type_index: Option<usize>,
 }
 
+impl Slot<'_> {
+    fn full(&self, max_per_instance: usize) -> bool {
+        self.free.vcpus <= 0 || self.free.ram <= 0 || (max_per_instance > 0 && self.count >= max_per_instance)
+    }
+}
+
 fn booted(status: &WorkerStatus) -> bool {
     matches!(status, WorkerStatus::Idle | WorkerStatus::Running)
 }
@@ -316,6 +322,18 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
         return actions;
     }
 
+    // Per type, the workers that may still take work (full ones are dropped as they are met),
+    // so a pass costs about containers × eligible types, not containers × workers.
+    let mut open: Vec<Vec<usize>> = vec![Vec::new(); input.types.len()];
+    for (i, s) in slots.iter().enumerate() {
+        if let Some(ti) = s.type_index {
+            if s.worker.accepts_work && !s.full(input.max_per_instance) {
+                open[ti].push(i);
+            }
+        }
+    }
+    let mut eligible_cache: HashMap<(u32, u64, u64, u32, bool), Vec<usize>> = HashMap::new();
+
     let mut overquota: Vec<&Container> = Vec::new();
     let mut pending = 0usize;
     for c in order {
@@ -331,53 +349,65 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
             }
             continue;
         }
-        let eligible = eligible_types(&c.runtime_constraints, input.types, input.maximum_price_factor);
+        let rc = &c.runtime_constraints;
+        let eligible = eligible_cache
+            .entry((rc.vcpus, rc.ram_bytes, rc.scratch_bytes, rc.gpus, rc.preemptible))
+            .or_insert_with(|| {
+                eligible_types(rc, input.types, input.maximum_price_factor)
+                    .into_iter()
+                    .filter_map(|t| by_name.get(t.name.as_str()).copied())
+                    .collect()
+            })
+            .clone();
         if eligible.is_empty() {
             actions.push(Action::Cancel {
                 container: c.id.clone(),
                 reason: format!(
                     "constraints not satisfiable by any configured instance type (needs {} vCPUs, {} bytes RAM, {} bytes scratch, {} GPUs{})",
-                    c.runtime_constraints.vcpus,
-                    c.runtime_constraints.ram_bytes,
-                    c.runtime_constraints.scratch_bytes,
-                    c.runtime_constraints.gpus,
-                    if c.runtime_constraints.preemptible { ", preemptible" } else { "" }
+                    rc.vcpus,
+                    rc.ram_bytes,
+                    rc.scratch_bytes,
+                    rc.gpus,
+                    if rc.preemptible { ", preemptible" } else { "" }
                 ),
             });
             continue;
         }
-        let need = Resources::of_need(&c.runtime_constraints);
-        let eligible_names: HashSet<&str> = eligible.iter().map(|t| t.name.as_str()).collect();
-        // Candidates: cheapest first; prefer packing onto busier workers, then booted ones.
+        let need = Resources::of_need(rc);
+        // Cheapest type first; among equals prefer the busiest worker (pack, so others can go
+        // idle), then one that has booted.
         let mut best: Option<usize> = None;
-        for (i, s) in slots.iter().enumerate() {
-            let Some(ti) = s.type_index else { continue };
-            let fits = s.worker.accepts_work
-                && eligible_names.contains(input.types[ti].name.as_str())
-                && s.free.covers(&need)
-                && (input.max_per_instance == 0 || s.count < input.max_per_instance);
-            if !fits {
-                continue;
+        let mut best_price = f64::INFINITY;
+        for &ti in &eligible {
+            let price = input.types[ti].price;
+            if best.is_some() && price > best_price {
+                break;
             }
-            best = match best {
-                None => Some(i),
-                Some(b) => {
-                    let (bs, cs) = (&slots[b], s);
-                    let (bp, cp) = (
-                        input.types[bs.type_index.unwrap_or(ti)].price,
-                        input.types[ti].price,
-                    );
-                    let better = cp < bp
-                        || (cp == bp && cs.count > bs.count)
-                        || (cp == bp
-                            && cs.count == bs.count
-                            && booted(&cs.worker.status)
-                            && !booted(&bs.worker.status));
-                    Some(if better { i } else { b })
+            open[ti].retain(|&i| !slots[i].full(input.max_per_instance));
+            for &i in &open[ti] {
+                let s = &slots[i];
+                if !s.free.covers(&need) {
+                    continue;
                 }
-            };
+                let better = match best {
+                    None => true,
+                    Some(b) => {
+                        let bs = &slots[b];
+                        price < best_price
+                            || s.count > bs.count
+                            || (s.count == bs.count && booted(&s.worker.status) && !booted(&bs.worker.status))
+                    }
+                };
+                if better {
+                    best = Some(i);
+                    best_price = price;
+                }
+            }
         }
-        let available = eligible.iter().find(|t| !input.at_capacity.contains(&t.provider_type)).copied();
+        let available = eligible
+            .iter()
+            .map(|&ti| &input.types[ti])
+            .find(|t| !input.at_capacity.contains(&t.provider_type));
         if c.state == ContainerState::Queued {
             let type_for_lock = best
                 .and_then(|i| slots[i].type_index)
@@ -434,6 +464,9 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
                     count: 1,
                     type_index: ti,
                 });
+                if let Some(ti) = ti {
+                    open[ti].push(slots.len() - 1);
+                }
             }
         }
     }
@@ -463,4 +496,358 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
         }
     }
     actions
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn types() -> Vec<InstanceType> {
+        let t = |name: &str, vcpus: u32, ram: u64, price: f64| InstanceType {
+            name: name.into(),
+            provider_type: format!("lb.{name}"),
+            vcpus,
+            ram_bytes: ram * GIB,
+            price,
+            ..InstanceType::minimal(name)
+        };
+        vec![t("small", 2, 2, 0.02), t("medium", 4, 8, 0.05), t("large", 8, 16, 0.08)]
+    }
+
+    fn c(id: &str, state: ContainerState, priority: i64, vcpus: u32, ram_gib: u64) -> Container {
+        Container {
+            id: id.into(),
+            state,
+            priority,
+            command: vec!["true".into()],
+            env: Default::default(),
+            working_dir: None,
+            image: None,
+            runtime_constraints: RuntimeConstraints {
+                vcpus,
+                ram_bytes: ram_gib * GIB,
+                ..Default::default()
+            },
+            lock_count: 0,
+            instance_type: None,
+            instance_id: None,
+            seq: id.bytes().map(i64::from).sum(),
+            created_at_ms: 0,
+            started_at_ms: None,
+            finished_at_ms: None,
+            exit_code: None,
+            runtime_error: None,
+            log_dir: None,
+        }
+    }
+
+    fn w(id: &str, type_name: &str, status: WorkerStatus) -> WorkerSlot {
+        WorkerSlot {
+            id: id.into(),
+            type_name: Some(type_name.into()),
+            status,
+            accepts_work: true,
+            foreign_runners: false,
+        }
+    }
+
+    /// Flags a row may set.
+    #[derive(Default, Clone)]
+    struct Flags {
+        at_quota: bool,
+        create_held: bool,
+        not_recovered: bool,
+        at_capacity: &'static [&'static str],
+        price_factor: Option<f64>,
+    }
+
+    struct Row {
+        name: &'static str,
+        containers: Vec<Container>,
+        workers: Vec<WorkerSlot>,
+        runners: Vec<(&'static str, RunnerSeen)>,
+        flags: Flags,
+        expect: Vec<Action>,
+    }
+
+    fn lock(c: &str, t: &str) -> Action {
+        Action::Lock { container: c.into(), instance_type: t.into() }
+    }
+    fn start(c: &str, w: &str) -> Action {
+        Action::Start { container: c.into(), worker: w.into() }
+    }
+    fn create(t: &str, c: &str) -> Action {
+        Action::Create { instance_type: t.into(), container: c.into() }
+    }
+    fn unlock(c: &str) -> Action {
+        Action::Unlock { container: c.into() }
+    }
+    fn running(w: &str) -> RunnerSeen {
+        RunnerSeen::Running { worker: w.into() }
+    }
+    fn exited(w: &str) -> RunnerSeen {
+        RunnerSeen::Exited { worker: w.into() }
+    }
+
+    /// The one helper every scheduler row goes through.
+    fn check(rows: Vec<Row>) {
+        let types = types();
+        for row in rows {
+            let runners: HashMap<String, RunnerSeen> =
+                row.runners.iter().map(|(id, r)| (id.to_string(), r.clone())).collect();
+            let at_capacity: HashSet<String> = row.flags.at_capacity.iter().map(|s| s.to_string()).collect();
+            let input = PlanInput {
+                containers: &row.containers,
+                workers: &row.workers,
+                runners: &runners,
+                types: &types,
+                maximum_price_factor: row.flags.price_factor.unwrap_or(1.5),
+                max_per_instance: 0,
+                at_quota: row.flags.at_quota,
+                at_capacity: &at_capacity,
+                create_held: row.flags.create_held,
+                pool_recovered: !row.flags.not_recovered,
+            };
+            assert_eq!(plan(&input), row.expect, "row: {}", row.name);
+        }
+    }
+
+    use ContainerState::{Cancelled, Complete, Locked, Queued};
+    use WorkerStatus::*;
+
+    #[test]
+    fn mapper_table() {
+        check(vec![
+            Row {
+                name: "queued, no workers: lock the cheapest fitting type and create it",
+                containers: vec![c("a", Queued, 1, 1, 1)],
+                workers: vec![],
+                runners: vec![],
+                flags: Flags::default(),
+                expect: vec![lock("a", "small"), create("small", "a")],
+            },
+            Row {
+                name: "an idle worker of the right type starts it at once",
+                containers: vec![c("a", Queued, 1, 1, 1)],
+                workers: vec![w("i1", "small", Idle)],
+                runners: vec![],
+                flags: Flags::default(),
+                expect: vec![lock("a", "small"), start("a", "i1")],
+            },
+            Row {
+                name: "two small containers pack onto one VM; the third needs another",
+                containers: vec![c("a", Locked, 1, 1, 1), c("b", Locked, 1, 1, 1), c("c", Locked, 1, 1, 1)],
+                workers: vec![w("i1", "small", Idle)],
+                runners: vec![],
+                flags: Flags::default(),
+                expect: vec![start("a", "i1"), start("b", "i1"), create("small", "c")],
+            },
+            Row {
+                name: "containers pack onto a VM still booting instead of creating more",
+                containers: vec![c("a", Locked, 1, 1, 1), c("b", Queued, 1, 1, 1)],
+                workers: vec![w("i1", "small", Booting)],
+                runners: vec![],
+                flags: Flags::default(),
+                expect: vec![lock("b", "small")],
+            },
+            Row {
+                name: "prefer the busier worker of the same price",
+                containers: vec![c("a", Locked, 1, 1, 1), c("x", ContainerState::Running, 1, 1, 1)],
+                workers: vec![w("i1", "small", Idle), w("i2", "small", Running)],
+                runners: vec![("x", running("i2"))],
+                flags: Flags::default(),
+                expect: vec![start("a", "i2")],
+            },
+            Row {
+                name: "unsatisfiable containers are cancelled with a reason",
+                containers: vec![c("a", Queued, 1, 64, 1)],
+                workers: vec![],
+                runners: vec![],
+                flags: Flags::default(),
+                expect: vec![Action::Cancel {
+                    container: "a".into(),
+                    reason: format!(
+                        "constraints not satisfiable by any configured instance type (needs 64 vCPUs, {} bytes RAM, 0 bytes scratch, 0 GPUs)",
+                        GIB
+                    ),
+                }],
+            },
+            Row {
+                name: "locked before queued, then priority, whatever the submission order",
+                containers: vec![c("q", Queued, 9, 2, 1), c("l", Locked, 1, 2, 1)],
+                workers: vec![w("i1", "small", Idle)],
+                runners: vec![],
+                flags: Flags::default(),
+                expect: vec![start("l", "i1"), lock("q", "small"), create("small", "q")],
+            },
+            Row {
+                name: "at quota: the next in line keeps its lock, later ones let go, idle VMs go",
+                containers: vec![c("a", Locked, 3, 4, 4), c("b", Locked, 2, 4, 4), c("c", Queued, 1, 4, 4)],
+                workers: vec![w("i1", "small", Idle)],
+                runners: vec![],
+                flags: Flags { at_quota: true, ..Default::default() },
+                expect: vec![unlock("b"), Action::Shutdown { worker: "i1".into() }],
+            },
+            Row {
+                name: "at quota with no instances: every lock is released",
+                containers: vec![c("a", Locked, 3, 1, 1), c("b", Locked, 2, 1, 1)],
+                workers: vec![],
+                runners: vec![],
+                flags: Flags { at_quota: true, ..Default::default() },
+                expect: vec![unlock("a"), unlock("b")],
+            },
+            Row {
+                name: "the cheapest type at capacity: the next eligible one is used",
+                containers: vec![c("a", Queued, 1, 1, 1)],
+                workers: vec![],
+                runners: vec![],
+                flags: Flags { at_capacity: &["lb.small"], price_factor: Some(3.0), ..Default::default() },
+                expect: vec![lock("a", "medium"), create("medium", "a")],
+            },
+            Row {
+                name: "every eligible type at capacity: wait, unlocked",
+                containers: vec![c("a", Queued, 1, 1, 1)],
+                workers: vec![],
+                runners: vec![],
+                flags: Flags { at_capacity: &["lb.small"], ..Default::default() },
+                expect: vec![],
+            },
+            Row {
+                name: "creates held off: lock, but do not create",
+                containers: vec![c("a", Queued, 1, 1, 1)],
+                workers: vec![],
+                runners: vec![],
+                flags: Flags { create_held: true, ..Default::default() },
+                expect: vec![lock("a", "small")],
+            },
+            Row {
+                name: "priority 0 gives up its lock",
+                containers: vec![c("a", Locked, 0, 1, 1), c("b", Queued, 0, 1, 1)],
+                workers: vec![],
+                runners: vec![],
+                flags: Flags::default(),
+                expect: vec![unlock("a")],
+            },
+            Row {
+                name: "until the pool has recovered, nothing is mapped",
+                containers: vec![c("a", Locked, 1, 1, 1), c("b", Queued, 1, 1, 1)],
+                workers: vec![w("i1", "small", Unknown)],
+                runners: vec![],
+                flags: Flags { not_recovered: true, ..Default::default() },
+                expect: vec![],
+            },
+            Row {
+                name: "hold and drain workers take no new work",
+                containers: vec![c("a", Queued, 1, 1, 1)],
+                workers: vec![WorkerSlot { accepts_work: false, ..w("i1", "small", Idle) }],
+                runners: vec![],
+                flags: Flags::default(),
+                expect: vec![lock("a", "small"), create("small", "a")],
+            },
+        ]);
+    }
+
+    #[test]
+    fn syncer_table() {
+        check(vec![
+            Row {
+                name: "running container whose runner exited: record the result",
+                containers: vec![c("a", ContainerState::Running, 1, 1, 1)],
+                workers: vec![w("i1", "small", Running)],
+                runners: vec![("a", exited("i1"))],
+                flags: Flags::default(),
+                expect: vec![Action::Finalize { container: "a".into(), worker: "i1".into() }],
+            },
+            Row {
+                name: "locked container whose runner exited (host crashed after start): record it",
+                containers: vec![c("a", Locked, 1, 1, 1)],
+                workers: vec![w("i1", "small", Running)],
+                runners: vec![("a", exited("i1"))],
+                flags: Flags::default(),
+                expect: vec![Action::Finalize { container: "a".into(), worker: "i1".into() }],
+            },
+            Row {
+                name: "locked container found running: adopt it",
+                containers: vec![c("a", Locked, 1, 1, 1)],
+                workers: vec![w("i1", "small", Running)],
+                runners: vec![("a", running("i1"))],
+                flags: Flags::default(),
+                expect: vec![Action::Adopt { container: "a".into(), worker: "i1".into() }],
+            },
+            Row {
+                name: "running, on no worker, pool recovered: cancel",
+                containers: vec![c("a", ContainerState::Running, 1, 1, 1)],
+                workers: vec![w("i1", "small", Idle)],
+                runners: vec![],
+                flags: Flags::default(),
+                expect: vec![Action::Cancel { container: "a".into(), reason: "not running on any worker".into() }],
+            },
+            Row {
+                name: "running, on no known worker, but one is unprobed: wait",
+                containers: vec![c("a", ContainerState::Running, 1, 1, 1)],
+                workers: vec![w("i1", "small", Unknown)],
+                runners: vec![],
+                flags: Flags::default(),
+                expect: vec![],
+            },
+            Row {
+                name: "priority 0 while running: kill",
+                containers: vec![c("a", ContainerState::Running, 0, 1, 1)],
+                workers: vec![w("i1", "small", Running)],
+                runners: vec![("a", running("i1"))],
+                flags: Flags::default(),
+                expect: vec![Action::Kill { container: "a".into(), worker: "i1".into() }],
+            },
+            Row {
+                name: "cancelled but still running: kill; complete and exited: forget",
+                containers: vec![c("a", Cancelled, 1, 1, 1), c("b", Complete, 1, 1, 1)],
+                workers: vec![w("i1", "small", Running)],
+                runners: vec![("a", running("i1")), ("b", exited("i1"))],
+                flags: Flags::default(),
+                expect: vec![
+                    Action::Kill { container: "a".into(), worker: "i1".into() },
+                    Action::Forget { container: "b".into(), worker: "i1".into() },
+                ],
+            },
+            Row {
+                name: "a runner dead without a result: cancel and forget",
+                containers: vec![c("a", ContainerState::Running, 1, 1, 1)],
+                workers: vec![w("i1", "small", Running)],
+                runners: vec![("a", RunnerSeen::Stale { worker: "i1".into() })],
+                flags: Flags::default(),
+                expect: vec![
+                    Action::Cancel { container: "a".into(), reason: "the runner on the VM died without a result".into() },
+                    Action::Forget { container: "a".into(), worker: "i1".into() },
+                ],
+            },
+            Row {
+                name: "runners of containers the queue does not know: kill or forget",
+                containers: vec![],
+                workers: vec![w("i1", "small", Running)],
+                runners: vec![("x", running("i1")), ("y", exited("i1"))],
+                flags: Flags::default(),
+                expect: vec![
+                    Action::Kill { container: "x".into(), worker: "i1".into() },
+                    Action::Forget { container: "y".into(), worker: "i1".into() },
+                ],
+            },
+        ]);
+    }
+
+    #[test]
+    fn eligible_types_respect_the_price_factor_and_preemptibility() {
+        let types = types();
+        let names = |rc: &RuntimeConstraints, f: f64| -> Vec<String> {
+            eligible_types(rc, &types, f).iter().map(|t| t.name.clone()).collect()
+        };
+        let one = RuntimeConstraints { vcpus: 1, ram_bytes: GIB, ..Default::default() };
+        assert_eq!(names(&one, 1.5), vec!["small"]);
+        assert_eq!(names(&one, 4.0), vec!["small", "medium", "large"]);
+        let spot = RuntimeConstraints { preemptible: true, ..one.clone() };
+        assert!(names(&spot, 4.0).is_empty());
+        let gpu = RuntimeConstraints { gpus: 1, ..one };
+        assert!(names(&gpu, 4.0).is_empty());
+    }
 }
