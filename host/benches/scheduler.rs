@@ -38,15 +38,20 @@ fn container(i: usize, state: ContainerState) -> Container {
 }
 
 fn scenario(at_quota: bool) -> Duration {
-    let types: Vec<InstanceType> = [("small", 2, 4, 0.02), ("medium", 4, 8, 0.04), ("large", 8, 16, 0.08), ("xlarge", 16, 64, 0.16)]
-        .iter()
-        .map(|(n, v, r, p)| InstanceType {
-            vcpus: *v,
-            ram_bytes: r * GIB,
-            price: *p,
-            ..InstanceType::minimal(n)
-        })
-        .collect();
+    let types: Vec<InstanceType> = [
+        ("small", 2, 4, 0.02),
+        ("medium", 4, 8, 0.04),
+        ("large", 8, 16, 0.08),
+        ("xlarge", 16, 64, 0.16),
+    ]
+    .iter()
+    .map(|(n, v, r, p)| InstanceType {
+        vcpus: *v,
+        ram_bytes: r * GIB,
+        price: *p,
+        ..InstanceType::minimal(n)
+    })
+    .collect();
     let mut containers = Vec::new();
     let mut runners = HashMap::new();
     let mut workers = Vec::new();
@@ -64,7 +69,14 @@ fn scenario(at_quota: bool) -> Duration {
         });
     }
     for i in 0..100_000 {
-        containers.push(container(i, if i % 10 == 0 { ContainerState::Locked } else { ContainerState::Queued }));
+        containers.push(container(
+            i,
+            if i % 10 == 0 {
+                ContainerState::Locked
+            } else {
+                ContainerState::Queued
+            },
+        ));
     }
     let at_capacity = HashSet::new();
     let input = PlanInput {

@@ -67,7 +67,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/instances", get(instances))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
-        .route("/_health/ping", get(|| async { Json(serde_json::json!({"health": "OK"})) }))
+        .route(
+            "/_health/ping",
+            get(|| async { Json(serde_json::json!({"health": "OK"})) }),
+        )
         .merge(authed)
         .with_state(state)
 }
@@ -132,7 +135,10 @@ async fn logs(
     Path((id, stream)): Path<(String, String)>,
 ) -> Result<Vec<u8>, ApiError> {
     if stream != "stdout" && stream != "stderr" {
-        return Err(ApiError(StatusCode::BAD_REQUEST, "stream must be stdout or stderr".into()));
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "stream must be stdout or stderr".into(),
+        ));
     }
     let c = state.queue.get(&id)?;
     let Some(dir) = c.log_dir else {
@@ -141,8 +147,12 @@ async fn logs(
             format!("container {id} is {:?}: no logs recorded yet", c.state),
         ));
     };
-    std::fs::read(std::path::Path::new(&dir).join(&stream))
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("reading {stream}: {e}")))
+    std::fs::read(std::path::Path::new(&dir).join(&stream)).map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("reading {stream}: {e}"),
+        )
+    })
 }
 
 async fn instances(State(state): State<ApiState>) -> Json<Vec<crate::dispatcher::InstanceView>> {

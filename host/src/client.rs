@@ -24,7 +24,12 @@ impl Client {
         }
     }
 
-    fn call(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> anyhow::Result<ureq::Response> {
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<ureq::Response> {
         let url = format!("{}{path}", self.base);
         let request = self
             .agent
@@ -44,11 +49,18 @@ impl Client {
                     .unwrap_or(text);
                 Err(anyhow!("{method} {url}: HTTP {code}: {message}"))
             }
-            Err(e) => Err(anyhow!("{method} {url}: {e} (is `dispatch-cloud serve` running?)")),
+            Err(e) => Err(anyhow!(
+                "{method} {url}: {e} (is `dispatch-cloud serve` running?)"
+            )),
         }
     }
 
-    fn json<T: serde::de::DeserializeOwned>(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> anyhow::Result<T> {
+    fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<T> {
         self.call(method, path, body)?
             .into_json()
             .with_context(|| format!("{method} {path}: bad response"))
@@ -67,7 +79,11 @@ impl Client {
     }
 
     pub fn cancel(&self, id: &str) -> anyhow::Result<Container> {
-        self.json("POST", &format!("/containers/{id}/cancel"), Some(serde_json::json!({})))
+        self.json(
+            "POST",
+            &format!("/containers/{id}/cancel"),
+            Some(serde_json::json!({})),
+        )
     }
 
     pub fn set_priority(&self, id: &str, priority: i64) -> anyhow::Result<Container> {

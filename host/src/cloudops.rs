@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use driver_abi::{CapacityScope, CreateRequest, DriverError, Instance, InstanceSet, InstanceType, Tags};
+use driver_abi::{
+    CapacityScope, CreateRequest, DriverError, Instance, InstanceSet, InstanceType, Tags,
+};
 
 /// Why a create was not attempted or did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +54,9 @@ pub struct CloudOps {
 }
 
 fn until(t: SystemTime) -> Instant {
-    let wait = t.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+    let wait = t
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
     Instant::now() + wait
 }
 
@@ -79,7 +83,9 @@ impl CloudOps {
 
     /// Waits for this operation's slot: one cloud op per interval, no bursts.
     async fn pace(&self) {
-        let Some(interval) = self.policy.ops_interval else { return };
+        let Some(interval) = self.policy.ops_interval else {
+            return;
+        };
         let slot = {
             let mut st = self.state();
             let now = Instant::now();
@@ -109,7 +115,8 @@ impl CloudOps {
         if st.quota_until.is_some_and(|t| Instant::now() < t) {
             return true;
         }
-        st.quota_instances.is_some_and(|n| instances_incl_pending >= n)
+        st.quota_instances
+            .is_some_and(|n| instances_incl_pending >= n)
     }
 
     /// Forget a quota learned from errors once the instance count dropped below it.
@@ -199,7 +206,8 @@ impl CloudOps {
                             CapacityScope::QuotaGroup(g) => format!("group:{g}"),
                             CapacityScope::All => String::new(),
                         };
-                        st.capacity_until.insert(key, now + self.policy.capacity_holdoff);
+                        st.capacity_until
+                            .insert(key, now + self.policy.capacity_holdoff);
                     }
                     _ => {}
                 }
@@ -210,7 +218,11 @@ impl CloudOps {
 
     /// The set's instances carrying every default tag; `Ok(None)` while listing is held off.
     pub async fn instances(&self) -> Result<Option<Vec<Arc<dyn Instance>>>, DriverError> {
-        if self.state().list_held_until.is_some_and(|t| Instant::now() < t) {
+        if self
+            .state()
+            .list_held_until
+            .is_some_and(|t| Instant::now() < t)
+        {
             return Ok(None);
         }
         self.pace().await;
@@ -229,9 +241,15 @@ impl CloudOps {
                         .collect(),
                 ))
             }
-            Err(DriverError::RateLimit { earliest_retry, message }) => {
+            Err(DriverError::RateLimit {
+                earliest_retry,
+                message,
+            }) => {
                 self.state().list_held_until = Some(until(earliest_retry));
-                Err(DriverError::RateLimit { earliest_retry, message })
+                Err(DriverError::RateLimit {
+                    earliest_retry,
+                    message,
+                })
             }
             Err(e) => Err(e),
         }
@@ -242,7 +260,11 @@ impl CloudOps {
         self.blocking(move |_| instance.destroy()).await
     }
 
-    pub async fn set_tags(&self, instance: Arc<dyn Instance>, tags: Tags) -> Result<(), DriverError> {
+    pub async fn set_tags(
+        &self,
+        instance: Arc<dyn Instance>,
+        tags: Tags,
+    ) -> Result<(), DriverError> {
         self.pace().await;
         self.blocking(move |_| instance.set_tags(&tags)).await
     }

@@ -15,7 +15,9 @@ pub struct Size(pub u64);
 impl Size {
     pub fn parse(text: &str) -> Result<Self, String> {
         let t = text.trim();
-        let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+        let split = t
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(t.len());
         let (number, unit) = t.split_at(split);
         let number: f64 = number
             .parse()
@@ -77,7 +79,10 @@ impl InstanceTypeConfig {
     pub fn to_instance_type(&self) -> InstanceType {
         InstanceType {
             name: self.name.clone(),
-            provider_type: self.provider_type.clone().unwrap_or_else(|| self.name.clone()),
+            provider_type: self
+                .provider_type
+                .clone()
+                .unwrap_or_else(|| self.name.clone()),
             vcpus: self.vcpus,
             ram_bytes: self.ram.0,
             included_scratch_bytes: self.included_scratch.0,
@@ -344,7 +349,9 @@ impl ClusterConfig {
                         message: e.message().to_string(),
                     });
                     let mut lines: Vec<String> = working.lines().map(String::from).collect();
-                    let Some(bad) = lines.get_mut(line.saturating_sub(1)) else { break };
+                    let Some(bad) = lines.get_mut(line.saturating_sub(1)) else {
+                        break;
+                    };
                     if bad.trim().is_empty() || bad.trim_start().starts_with('#') {
                         // Nothing left to remove: the problem is structural.
                         break;
@@ -375,55 +382,91 @@ impl ClusterConfig {
             })
         };
         if self.cluster_id.len() != 5
-            || !self.cluster_id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            || !self
+                .cluster_id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
         {
-            problem("cluster_id", format!("{:?} must be 5 lowercase letters or digits", self.cluster_id));
+            problem(
+                "cluster_id",
+                format!(
+                    "{:?} must be 5 lowercase letters or digits",
+                    self.cluster_id
+                ),
+            );
         }
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
-            problem("listen", format!("{:?} is not an address like 127.0.0.1:9006", self.listen));
+            problem(
+                "listen",
+                format!("{:?} is not an address like 127.0.0.1:9006", self.listen),
+            );
         }
         if self.instance_types.is_empty() {
-            problem("instance_types", "at least one instance type is needed".into());
+            problem(
+                "instance_types",
+                "at least one instance type is needed".into(),
+            );
         }
         let mut names = std::collections::HashSet::new();
         for (i, t) in self.instance_types.iter().enumerate() {
             if !names.insert(t.name.clone()) {
-                problem(&format!("instance_types[{i}].name"), format!("{:?} is declared twice", t.name));
+                problem(
+                    &format!("instance_types[{i}].name"),
+                    format!("{:?} is declared twice", t.name),
+                );
             }
             if t.vcpus == 0 {
-                problem(&format!("instance_types[{i}].vcpus"), "must be at least 1".into());
+                problem(
+                    &format!("instance_types[{i}].vcpus"),
+                    "must be at least 1".into(),
+                );
             }
             if t.ram.0 == 0 {
-                problem(&format!("instance_types[{i}].ram"), "must be more than 0".into());
+                problem(
+                    &format!("instance_types[{i}].ram"),
+                    "must be more than 0".into(),
+                );
             }
-            if !(t.price >= 0.0) {
-                problem(&format!("instance_types[{i}].price"), "must be 0 or more".into());
+            if t.price.is_nan() || t.price < 0.0 {
+                problem(
+                    &format!("instance_types[{i}].price"),
+                    "must be 0 or more".into(),
+                );
             }
         }
         let timeouts = [
             ("timeouts.idle_seconds", self.timeouts.idle_seconds),
             ("timeouts.booting_seconds", self.timeouts.booting_seconds),
             ("timeouts.probe_seconds", self.timeouts.probe_seconds),
-            ("timeouts.probe_interval_seconds", self.timeouts.probe_interval_seconds),
-            ("timeouts.sync_interval_seconds", self.timeouts.sync_interval_seconds),
+            (
+                "timeouts.probe_interval_seconds",
+                self.timeouts.probe_interval_seconds,
+            ),
+            (
+                "timeouts.sync_interval_seconds",
+                self.timeouts.sync_interval_seconds,
+            ),
             ("timeouts.signal_seconds", self.timeouts.signal_seconds),
         ];
         for (key, v) in timeouts {
-            if !(v > 0.0) {
+            if v.is_nan() || v <= 0.0 {
                 problem(key, format!("{v} must be more than 0"));
             }
         }
         if self.limits.maximum_price_factor < 1.0 {
             problem("limits.maximum_price_factor", "must be at least 1".into());
         }
-        if !(self.limits.max_probes_per_second > 0.0) {
+        if self.limits.max_probes_per_second.is_nan() || self.limits.max_probes_per_second <= 0.0 {
             problem("limits.max_probes_per_second", "must be more than 0".into());
         }
         out
     }
 
     pub fn instance_types(&self) -> Vec<InstanceType> {
-        self.instance_types.iter().map(InstanceTypeConfig::to_instance_type).collect()
+        self.instance_types
+            .iter()
+            .map(InstanceTypeConfig::to_instance_type)
+            .collect()
     }
 
     pub fn queue_path(&self) -> PathBuf {
@@ -485,7 +528,12 @@ mod tests {
         let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(
             keys,
-            vec!["cluster_id", "listen", "instance_types[0].vcpus", "timeouts.probe_seconds"]
+            vec![
+                "cluster_id",
+                "listen",
+                "instance_types[0].vcpus",
+                "timeouts.probe_seconds"
+            ]
         );
         assert_eq!(err.problems[0].line, 1);
         assert_eq!(err.problems[3].line, 4);

@@ -266,7 +266,10 @@ impl Dispatcher {
 
     fn pool_recovered(&self) -> bool {
         self.listed_once
-            && (!self.workers.values().any(|w| w.status == WorkerStatus::Unknown)
+            && (!self
+                .workers
+                .values()
+                .any(|w| w.status == WorkerStatus::Unknown)
                 || self.started_at.elapsed() >= seconds(self.t().stale_lock_seconds))
     }
 
@@ -278,7 +281,11 @@ impl Dispatcher {
             .get(tags::IDLE_BEHAVIOR)
             .and_then(|b| IdleBehavior::parse(b))
             .unwrap_or(IdleBehavior::Run);
-        if type_name.as_deref().is_some_and(|n| !self.types.iter().any(|t| t.name == n)) || type_name.is_none() {
+        if type_name
+            .as_deref()
+            .is_some_and(|n| !self.types.iter().any(|t| t.name == n))
+            || type_name.is_none()
+        {
             // A type no longer configured: let it finish what it runs, then go.
             type_name = None;
             if behavior != IdleBehavior::Hold {
@@ -335,7 +342,9 @@ impl Dispatcher {
                 }
             }
             Event::Created { pending, result } => {
-                let Some(p) = self.pending.remove(&pending) else { return };
+                let Some(p) = self.pending.remove(&pending) else {
+                    return;
+                };
                 match result {
                     Ok(instance) => {
                         let instance: Arc<dyn Instance> = Arc::from(instance);
@@ -357,7 +366,9 @@ impl Dispatcher {
                             tokio::spawn(async move { exec.close().await });
                         }
                         // Confirm with the cloud soon.
-                        self.next_sync_at = self.next_sync_at.min(Instant::now() + seconds(self.t().shutdown_seconds));
+                        self.next_sync_at = self
+                            .next_sync_at
+                            .min(Instant::now() + seconds(self.t().shutdown_seconds));
                     } else {
                         w.shutdown_at = Some(Instant::now());
                     }
@@ -382,9 +393,16 @@ impl Dispatcher {
                             w.starting.insert(container.clone(), Some(Instant::now()));
                             type_name = w.type_name.clone();
                         }
-                        match self.queue.set_running(&container, &worker, type_name.as_deref()) {
-                            Ok(()) => log::info!("container={container} instance={worker} from=Locked to=Running"),
-                            Err(e) => log::warn!("container={container} started, but recording it failed: {e}"),
+                        match self
+                            .queue
+                            .set_running(&container, &worker, type_name.as_deref())
+                        {
+                            Ok(()) => log::info!(
+                                "container={container} instance={worker} from=Locked to=Running"
+                            ),
+                            Err(e) => log::warn!(
+                                "container={container} started, but recording it failed: {e}"
+                            ),
                         }
                     }
                     Err(e) => {
@@ -400,7 +418,10 @@ impl Dispatcher {
                     if gave_up {
                         if let Some(w) = self.workers.get_mut(&k.worker) {
                             w.gave_up.insert(container.clone());
-                            log::warn!("container={container} instance={} ignored SIGTERM; draining", k.worker);
+                            log::warn!(
+                                "container={container} instance={} ignored SIGTERM; draining",
+                                k.worker
+                            );
                             if w.behavior == IdleBehavior::Run {
                                 self.set_behavior(&k.worker, IdleBehavior::Drain);
                             }
@@ -452,16 +473,27 @@ impl Dispatcher {
         }
         self.cloud.observe_instance_count(self.workers.len());
         if !self.listed_once {
-            log::info!("Initial instance list: {} instance(s) of this set.", self.workers.len());
+            log::info!(
+                "Initial instance list: {} instance(s) of this set.",
+                self.workers.len()
+            );
         }
         self.listed_once = true;
     }
 
-    fn apply_probe(&mut self, id: &str, started: Instant, booted: bool, list: Result<RunList, String>) {
+    fn apply_probe(
+        &mut self,
+        id: &str,
+        started: Instant,
+        booted: bool,
+        list: Result<RunList, String>,
+    ) {
         let now = Instant::now();
         let interval = seconds(self.t().probe_interval_seconds);
         let mut drain = false;
-        let Some(w) = self.workers.get_mut(id) else { return };
+        let Some(w) = self.workers.get_mut(id) else {
+            return;
+        };
         w.probing = false;
         w.next_probe_at = now + interval;
         if booted {
@@ -470,17 +502,31 @@ impl Dispatcher {
         match list {
             Ok(list) => {
                 w.last_probe_ok = Some(started);
-                w.runners = list.containers.iter().map(|e| (e.id.clone(), e.state.clone())).collect();
+                w.runners = list
+                    .containers
+                    .iter()
+                    .map(|e| (e.id.clone(), e.state.clone()))
+                    .collect();
                 let listed = &w.runners;
-                w.starting.retain(|c, done| !listed.contains_key(c) && done.is_none_or(|t| started < t));
-                w.gave_up.retain(|c| w.runners.get(c) == Some(&RunState::Running));
-                let active = w.runners.values().filter(|s| **s == RunState::Running).count() + w.starting.len();
+                w.starting
+                    .retain(|c, done| !listed.contains_key(c) && done.is_none_or(|t| started < t));
+                w.gave_up
+                    .retain(|c| w.runners.get(c) == Some(&RunState::Running));
+                let active = w
+                    .runners
+                    .values()
+                    .filter(|s| **s == RunState::Running)
+                    .count()
+                    + w.starting.len();
                 let before = w.status.clone();
                 w.status = after_probe(&w.status, w.booted, w.runners.len() + w.starting.len());
-                if active > 0 || (before == WorkerStatus::Running && w.status == WorkerStatus::Idle) {
+                if active > 0 || (before == WorkerStatus::Running && w.status == WorkerStatus::Idle)
+                {
                     w.busy_at = now;
                 }
-                if matches!(before, WorkerStatus::Unknown | WorkerStatus::Booting) && w.status != before {
+                if matches!(before, WorkerStatus::Unknown | WorkerStatus::Booting)
+                    && w.status != before
+                {
                     w.busy_at = now;
                     log::info!("instance={id} from={before:?} to={:?} (booted)", w.status);
                 }
@@ -497,7 +543,9 @@ impl Dispatcher {
     }
 
     fn set_behavior(&mut self, id: &str, behavior: IdleBehavior) {
-        let Some(w) = self.workers.get_mut(id) else { return };
+        let Some(w) = self.workers.get_mut(id) else {
+            return;
+        };
         w.behavior = behavior;
         let mut new_tags: Tags = w.instance.tags();
         new_tags.insert(tags::IDLE_BEHAVIOR.into(), behavior.as_str().into());
@@ -513,11 +561,16 @@ impl Dispatcher {
     }
 
     fn shutdown_worker(&mut self, id: &str, reason: &str) {
-        let Some(w) = self.workers.get_mut(id) else { return };
+        let Some(w) = self.workers.get_mut(id) else {
+            return;
+        };
         if w.status == WorkerStatus::Shutdown && (w.destroying || w.shutdown_at.is_none()) {
             return;
         }
-        log::info!("instance={id} from={:?} to=Shutdown reason={reason:?}", w.status);
+        log::info!(
+            "instance={id} from={:?} to=Shutdown reason={reason:?}",
+            w.status
+        );
         w.status = WorkerStatus::Shutdown;
         w.destroying = true;
         w.shutdown_at = None;
@@ -542,7 +595,11 @@ impl Dispatcher {
         if self.listing.is_none() && now >= self.next_sync_at {
             self.listing = Some(now);
             let cloud = Arc::clone(&self.cloud);
-            self.spawn(async move { Some(Event::Listed(cloud.instances().await.map_err(|e| e.to_string()))) });
+            self.spawn(async move {
+                Some(Event::Listed(
+                    cloud.instances().await.map_err(|e| e.to_string()),
+                ))
+            });
         }
         self.launch_probes(now);
         self.apply_timeouts(now);
@@ -554,11 +611,14 @@ impl Dispatcher {
     }
 
     fn launch_probes(&mut self, now: Instant) {
-        let pace = Duration::from_secs_f64(1.0 / self.config.limits.max_probes_per_second.max(0.001));
+        let pace =
+            Duration::from_secs_f64(1.0 / self.config.limits.max_probes_per_second.max(0.001));
         let mut due: Vec<String> = self
             .workers
             .iter()
-            .filter(|(_, w)| !w.probing && w.status != WorkerStatus::Shutdown && now >= w.next_probe_at)
+            .filter(|(_, w)| {
+                !w.probing && w.status != WorkerStatus::Shutdown && now >= w.next_probe_at
+            })
             .map(|(id, _)| id.clone())
             .collect();
         due.sort();
@@ -567,7 +627,9 @@ impl Dispatcher {
                 break;
             }
             self.next_probe_slot = self.next_probe_slot.max(now - pace) + pace;
-            let Some(w) = self.workers.get_mut(&id) else { continue };
+            let Some(w) = self.workers.get_mut(&id) else {
+                continue;
+            };
             w.probing = true;
             let needs_boot = !w.booted;
             let exec = Arc::clone(&w.executor);
@@ -576,7 +638,10 @@ impl Dispatcher {
             let boot_command = self.config.boot_probe_command.clone();
             let started = Instant::now();
             self.spawn(async move {
-                let remote = Remote { binary: &binary, sudo };
+                let remote = Remote {
+                    binary: &binary,
+                    sudo,
+                };
                 let mut booted = !needs_boot;
                 if needs_boot {
                     booted = matches!(boot_probe(&*exec, &boot_command).await, Ok(true));
@@ -608,12 +673,20 @@ impl Dispatcher {
         let mut go = Vec::new();
         for (id, w) in &self.workers {
             if w.status == WorkerStatus::Shutdown {
-                if !w.destroying && w.shutdown_at.is_some_and(|t| now.saturating_duration_since(t) >= shutdown_retry) {
+                if !w.destroying
+                    && w.shutdown_at
+                        .is_some_and(|t| now.saturating_duration_since(t) >= shutdown_retry)
+                {
                     go.push((id.clone(), "destroy retry"));
                 }
                 continue;
             }
-            let runners = w.runners.values().filter(|s| **s == RunState::Running).count() + w.starting.len();
+            let runners = w
+                .runners
+                .values()
+                .filter(|s| **s == RunState::Running)
+                .count()
+                + w.starting.len();
             let facts = Facts {
                 status: w.status.clone(),
                 behavior: w.behavior,
@@ -642,15 +715,22 @@ impl Dispatcher {
         if !self.pool_recovered() {
             return;
         }
-        let Some(stale) = self.stale_locks.take() else { return };
+        let Some(stale) = self.stale_locks.take() else {
+            return;
+        };
         let running: HashSet<&String> = self
             .workers
             .values()
             .flat_map(|w| w.runners.keys().chain(w.starting.keys()))
             .collect();
         for id in stale.iter().filter(|id| !running.contains(id)) {
-            match self.queue.unlock(id, self.config.limits.max_dispatch_attempts) {
-                Ok(to) => log::info!("container={id} from=Locked to={to:?} (stale lock from a previous run)"),
+            match self
+                .queue
+                .unlock(id, self.config.limits.max_dispatch_attempts)
+            {
+                Ok(to) => log::info!(
+                    "container={id} from=Locked to={to:?} (stale lock from a previous run)"
+                ),
                 Err(e) => log::debug!("container={id} stale lock not released: {e}"),
             }
         }
@@ -668,14 +748,22 @@ impl Dispatcher {
         for (wid, w) in &self.workers {
             for (cid, st) in &w.runners {
                 let seen = match st {
-                    RunState::Running => RunnerSeen::Running { worker: wid.clone() },
-                    RunState::Exited => RunnerSeen::Exited { worker: wid.clone() },
-                    RunState::Stale => RunnerSeen::Stale { worker: wid.clone() },
+                    RunState::Running => RunnerSeen::Running {
+                        worker: wid.clone(),
+                    },
+                    RunState::Exited => RunnerSeen::Exited {
+                        worker: wid.clone(),
+                    },
+                    RunState::Stale => RunnerSeen::Stale {
+                        worker: wid.clone(),
+                    },
                 };
                 runners.insert(cid.clone(), seen);
             }
             for cid in w.starting.keys() {
-                runners.entry(cid.clone()).or_insert(RunnerSeen::Running { worker: wid.clone() });
+                runners.entry(cid.clone()).or_insert(RunnerSeen::Starting {
+                    worker: wid.clone(),
+                });
             }
         }
         let known: HashSet<String> = containers.iter().map(|c| c.id.clone()).collect();
@@ -731,7 +819,8 @@ impl Dispatcher {
             pool_recovered: self.pool_recovered(),
         };
         let actions = plan(&input);
-        let by_id: HashMap<String, Container> = containers.into_iter().map(|c| (c.id.clone(), c)).collect();
+        let by_id: HashMap<String, Container> =
+            containers.into_iter().map(|c| (c.id.clone(), c)).collect();
         let mut lock_failed: HashSet<String> = HashSet::new();
         let mut created_this_pass = 0usize;
         for action in actions {
@@ -740,26 +829,40 @@ impl Dispatcher {
                     container,
                     instance_type,
                 } => match self.queue.lock(&container, &instance_type) {
-                    Ok(true) => log::info!("container={container} type={instance_type} from=Queued to=Locked"),
+                    Ok(true) => log::info!(
+                        "container={container} type={instance_type} from=Queued to=Locked"
+                    ),
                     _ => {
                         lock_failed.insert(container);
                     }
                 },
                 Action::Unlock { container } => {
-                    match self.queue.unlock(&container, self.config.limits.max_dispatch_attempts) {
+                    match self
+                        .queue
+                        .unlock(&container, self.config.limits.max_dispatch_attempts)
+                    {
                         Ok(to) => log::info!("container={container} from=Locked to={to:?}"),
                         Err(e) => log::debug!("container={container} unlock: {e}"),
                     }
                 }
-                Action::Cancel { container, reason } => match self.queue.cancel(&container, &reason) {
-                    Ok(()) => log::info!("container={container} to=Cancelled reason={reason:?}"),
-                    Err(e) => log::debug!("container={container} cancel: {e}"),
-                },
-                Action::Adopt { container, worker } => match self
-                    .queue
-                    .set_running(&container, &worker, self.workers.get(&worker).and_then(|w| w.type_name.as_deref()))
-                {
-                    Ok(()) => log::info!("container={container} instance={worker} from=Locked to=Running (adopted)"),
+                Action::Cancel { container, reason } => {
+                    match self.queue.cancel(&container, &reason) {
+                        Ok(()) => {
+                            log::info!("container={container} to=Cancelled reason={reason:?}")
+                        }
+                        Err(e) => log::debug!("container={container} cancel: {e}"),
+                    }
+                }
+                Action::Adopt { container, worker } => match self.queue.set_running(
+                    &container,
+                    &worker,
+                    self.workers
+                        .get(&worker)
+                        .and_then(|w| w.type_name.as_deref()),
+                ) {
+                    Ok(()) => log::info!(
+                        "container={container} instance={worker} from=Locked to=Running (adopted)"
+                    ),
                     Err(e) => log::debug!("container={container} adopt: {e}"),
                 },
                 Action::Start { container, worker } => {
@@ -777,22 +880,32 @@ impl Dispatcher {
                     if lock_failed.contains(&container) {
                         continue;
                     }
-                    if self.cloud.at_quota(self.instance_count() + created_this_pass) || self.cloud.create_held() {
+                    if self
+                        .cloud
+                        .at_quota(self.instance_count() + created_this_pass)
+                        || self.cloud.create_held()
+                    {
                         continue;
                     }
                     created_this_pass += 1;
                     self.create(&instance_type);
                 }
-                Action::Finalize { container, worker } => self.finalize(&container, &worker, by_id.get(&container)),
+                Action::Finalize { container, worker } => {
+                    self.finalize(&container, &worker, by_id.get(&container))
+                }
                 Action::Kill { container, worker } => self.kill(&container, &worker),
                 Action::Forget { container, worker } => self.forget(&container, &worker),
-                Action::Shutdown { worker } => self.shutdown_worker(&worker, "frees quota for other work"),
+                Action::Shutdown { worker } => {
+                    self.shutdown_worker(&worker, "frees quota for other work")
+                }
             }
         }
     }
 
     fn start(&mut self, c: &Container, worker: &str) {
-        let Some(w) = self.workers.get_mut(worker) else { return };
+        let Some(w) = self.workers.get_mut(worker) else {
+            return;
+        };
         if w.status == WorkerStatus::Shutdown {
             return;
         }
@@ -812,7 +925,10 @@ impl Dispatcher {
         let binary = self.binary.clone();
         let worker = worker.to_string();
         self.spawn(async move {
-            let remote = Remote { binary: &binary, sudo };
+            let remote = Remote {
+                binary: &binary,
+                sudo,
+            };
             let result = remote.start(&*exec, &spec).await;
             Some(Event::Started {
                 container: spec.id,
@@ -823,7 +939,9 @@ impl Dispatcher {
     }
 
     fn create(&mut self, type_name: &str) {
-        let Some(t) = self.types.iter().find(|t| t.name == type_name).cloned() else { return };
+        let Some(t) = self.types.iter().find(|t| t.name == type_name).cloned() else {
+            return;
+        };
         let secret = instance_secret::generate();
         let n = self.next_pending;
         self.next_pending += 1;
@@ -836,13 +954,19 @@ impl Dispatcher {
         );
         let mut vm_tags = self.config.resource_tags.clone();
         vm_tags.insert(tags::INSTANCE_TYPE.into(), t.name.clone());
-        vm_tags.insert(tags::IDLE_BEHAVIOR.into(), IdleBehavior::Run.as_str().into());
+        vm_tags.insert(
+            tags::IDLE_BEHAVIOR.into(),
+            IdleBehavior::Run.as_str().into(),
+        );
         vm_tags.insert(tags::INSTANCE_SECRET.into(), secret.clone());
         let request = CreateRequest {
             instance_type: t.clone(),
             image_id: self.config.image.clone(),
             tags: vm_tags,
-            init_command: instance_secret::init_command(&secret, &self.config.instance_init_command),
+            init_command: instance_secret::init_command(
+                &secret,
+                &self.config.instance_init_command,
+            ),
             public_key: self.key.public_key().to_openssh().ok(),
         };
         let cloud = Arc::clone(&self.cloud);
@@ -866,7 +990,9 @@ impl Dispatcher {
         if self.busy.contains(container) {
             return;
         }
-        let Some((exec, sudo)) = self.remote_for(worker) else { return };
+        let Some((exec, sudo)) = self.remote_for(worker) else {
+            return;
+        };
         let Some(c) = c.cloned() else { return };
         self.busy.insert(container.to_string());
         let binary = self.binary.clone();
@@ -875,7 +1001,10 @@ impl Dispatcher {
         let id = container.to_string();
         let worker = worker.to_string();
         self.spawn(async move {
-            let remote = Remote { binary: &binary, sudo };
+            let remote = Remote {
+                binary: &binary,
+                sudo,
+            };
             let outcome: Result<(), String> = async {
                 let list = remote.list(&*exec).await?;
                 let exit = list
@@ -884,10 +1013,12 @@ impl Dispatcher {
                     .find(|e| e.id == id)
                     .and_then(|e| e.exit.clone())
                     .ok_or_else(|| "runner has no exit status".to_string())?;
-                std::fs::create_dir_all(&dir).map_err(|e| format!("log dir {}: {e}", dir.display()))?;
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| format!("log dir {}: {e}", dir.display()))?;
                 for stream in ["stdout", "stderr"] {
                     let bytes = remote.logs(&*exec, &id, stream).await?;
-                    std::fs::write(dir.join(stream), bytes).map_err(|e| format!("saving {stream}: {e}"))?;
+                    std::fs::write(dir.join(stream), bytes)
+                        .map_err(|e| format!("saving {stream}: {e}"))?;
                 }
                 let dir_text = dir.display().to_string();
                 let recorded = if c.state == ContainerState::Cancelled {
@@ -920,12 +1051,17 @@ impl Dispatcher {
         if self.busy.contains(container) {
             return;
         }
-        let Some((exec, sudo)) = self.remote_for(worker) else { return };
+        let Some((exec, sudo)) = self.remote_for(worker) else {
+            return;
+        };
         self.busy.insert(container.to_string());
         let binary = self.binary.clone();
         let id = container.to_string();
         self.spawn(async move {
-            let remote = Remote { binary: &binary, sudo };
+            let remote = Remote {
+                binary: &binary,
+                sudo,
+            };
             if let Err(e) = remote.forget(&*exec, &id).await {
                 log::debug!("container={id} forget: {e}");
             }
@@ -938,7 +1074,9 @@ impl Dispatcher {
         if self.kills.contains_key(container) {
             return;
         }
-        let Some((exec, sudo)) = self.remote_for(worker) else { return };
+        let Some((exec, sudo)) = self.remote_for(worker) else {
+            return;
+        };
         self.kills.insert(
             container.to_string(),
             Kill {
@@ -951,7 +1089,10 @@ impl Dispatcher {
         let every = seconds(self.t().signal_seconds);
         let give_up_after = seconds(self.t().term_seconds);
         self.spawn(async move {
-            let remote = Remote { binary: &binary, sudo };
+            let remote = Remote {
+                binary: &binary,
+                sudo,
+            };
             let started = Instant::now();
             loop {
                 if matches!(remote.kill(&*exec, &id, libc::SIGTERM).await, Ok(true)) {

@@ -18,7 +18,11 @@ use dispatch_cloud::queue::{ContainerState, NewContainer, RuntimeConstraints};
 const CANCELLED_EXIT: u8 = 125;
 
 #[derive(Parser)]
-#[command(name = "dispatch-cloud", version, about = "Runs batch containers on elastic cloud VMs")]
+#[command(
+    name = "dispatch-cloud",
+    version,
+    about = "Runs batch containers on elastic cloud VMs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -32,7 +36,12 @@ struct ServerArgs {
     config: Option<PathBuf>,
     #[arg(long, global = true, env = "DISPATCH_CLOUD_URL")]
     url: Option<String>,
-    #[arg(long, global = true, env = "DISPATCH_CLOUD_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "DISPATCH_CLOUD_TOKEN",
+        hide_env_values = true
+    )]
     token: Option<String>,
 }
 
@@ -258,7 +267,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 runtime_constraints: RuntimeConstraints {
                     vcpus,
                     ram_bytes: Size::parse(&ram).map_err(|e| anyhow!("--ram: {e}"))?.0,
-                    scratch_bytes: Size::parse(&scratch).map_err(|e| anyhow!("--scratch: {e}"))?.0,
+                    scratch_bytes: Size::parse(&scratch)
+                        .map_err(|e| anyhow!("--scratch: {e}"))?
+                        .0,
                     gpus,
                     preemptible,
                 },
@@ -280,13 +291,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         "{} {:?}{}",
                         now.id,
                         now.state,
-                        now.instance_id.as_deref().map(|i| format!(" on {i}")).unwrap_or_default()
+                        now.instance_id
+                            .as_deref()
+                            .map(|i| format!(" on {i}"))
+                            .unwrap_or_default()
                     );
                 }
                 match now.state {
                     ContainerState::Complete => {
                         let code = now.exit_code.unwrap_or(1);
-                        return Ok(ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1)));
+                        return Ok(ExitCode::from(
+                            u8::try_from(code.clamp(0, 255)).unwrap_or(1),
+                        ));
                     }
                     ContainerState::Cancelled => {
                         eprintln!("cancelled: {}", now.runtime_error.unwrap_or_default());
@@ -332,7 +348,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{} {}", c.id, c.state.as_str());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Priority { server, id, priority } => {
+        Command::Priority {
+            server,
+            id,
+            priority,
+        } => {
             let c = client(&server)?.set_priority(&id, priority)?;
             println!("{} priority {}", c.id, c.priority);
             Ok(ExitCode::SUCCESS)
@@ -364,7 +384,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(_) => {
                 println!(
                     "{}: OK",
-                    config.map(|p| p.display().to_string()).unwrap_or_else(|| "(defaults)".into())
+                    config
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "(defaults)".into())
                 );
                 Ok(ExitCode::SUCCESS)
             }
@@ -416,10 +438,11 @@ fn serve(config: ClusterConfig, plugins: &Path) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("listen {}", config.listen))?;
         let shutdown = async {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return std::future::pending().await,
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => return std::future::pending().await,
+                };
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}

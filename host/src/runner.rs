@@ -130,7 +130,8 @@ pub fn main(args: &[String]) -> anyhow::Result<i32> {
 fn start() -> anyhow::Result<i32> {
     let mut input = String::new();
     std::io::stdin().read_to_string(&mut input)?;
-    let spec: ContainerSpec = serde_json::from_str(&input).context("runner start: spec on stdin")?;
+    let spec: ContainerSpec =
+        serde_json::from_str(&input).context("runner start: spec on stdin")?;
     valid_id(&spec.id)?;
     if spec.command.is_empty() {
         bail!("runner start: empty command");
@@ -192,10 +193,17 @@ fn build_command(spec: &ContainerSpec) -> anyhow::Result<Command> {
     match &spec.image {
         Some(image) => {
             let Some(engine) = engine() else {
-                bail!("container asks for image {image}, but this VM has neither docker nor podman");
+                bail!(
+                    "container asks for image {image}, but this VM has neither docker nor podman"
+                );
             };
             let mut cmd = Command::new(engine);
-            cmd.args(["run", "--rm", "--name", &format!("dispatch-cloud-{}", spec.id)]);
+            cmd.args([
+                "run",
+                "--rm",
+                "--name",
+                &format!("dispatch-cloud-{}", spec.id),
+            ]);
             if let Some(wd) = &workdir {
                 cmd.args(["--workdir", wd]);
             }
@@ -285,7 +293,11 @@ fn entry(dir: &Path, id: &str) -> RunEntry {
     }
     RunEntry {
         id: id.to_string(),
-        state: if held { RunState::Running } else { RunState::Stale },
+        state: if held {
+            RunState::Running
+        } else {
+            RunState::Stale
+        },
         exit: None,
     }
 }
@@ -300,7 +312,9 @@ fn list() -> anyhow::Result<RunList> {
         return Ok(out);
     };
     for d in dirs.flatten() {
-        let Some(id) = d.file_name().to_str().map(String::from) else { continue };
+        let Some(id) = d.file_name().to_str().map(String::from) else {
+            continue;
+        };
         out.containers.push(entry(&d.path(), &id));
     }
     out.containers.sort_by(|a, b| a.id.cmp(&b.id));

@@ -28,13 +28,15 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// The dispatcher's SSH key, generated (0600) on first start.
 pub fn load_or_create_key(path: &Path) -> anyhow::Result<PrivateKey> {
     if path.exists() {
-        return PrivateKey::read_openssh_file(path).with_context(|| format!("SSH key {}", path.display()));
+        return PrivateKey::read_openssh_file(path)
+            .with_context(|| format!("SSH key {}", path.display()));
     }
     let key = crate::ssh::generate_key().context("generating the SSH key")?;
     let text = key
         .to_openssh(russh::keys::ssh_key::LineEnding::LF)
         .context("encoding the SSH key")?;
-    write_private(path, text.as_bytes()).with_context(|| format!("writing SSH key {}", path.display()))?;
+    write_private(path, text.as_bytes())
+        .with_context(|| format!("writing SSH key {}", path.display()))?;
     log::info!("Generated SSH key {}.", path.display());
     Ok(key)
 }
@@ -49,7 +51,8 @@ pub fn load_or_create_tokens(config: &ClusterConfig) -> anyhow::Result<Vec<Strin
         return Ok(vec![text.trim().to_string()]);
     }
     let token = hex::encode(rand::random::<[u8; 24]>());
-    write_private(&path, token.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    write_private(&path, token.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(vec![token])
 }
 
@@ -79,13 +82,24 @@ pub async fn serve(
         .clone();
     let plugin_entry = catalogue
         .plugin(&entry.driver)
-        .ok_or_else(|| anyhow!("{}: no plugin named {:?}", plugins_file.display(), entry.driver))?
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: no plugin named {:?}",
+                plugins_file.display(),
+                entry.driver
+            )
+        })?
         .clone();
     let set = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let loaded = plugin::load(&plugin_entry)?;
         let set = loaded
             .new_instance_set(&entry, &Default::default())
-            .with_context(|| format!("instance set {} on driver {}", entry.name, loaded.driver_name))?;
+            .with_context(|| {
+                format!(
+                    "instance set {} on driver {}",
+                    entry.name, loaded.driver_name
+                )
+            })?;
         Ok(set)
     })
     .await??;
@@ -100,7 +114,8 @@ pub async fn serve(
             max_concurrent_creates: limits.max_concurrent_instance_create_ops,
             quota_holdoff: seconds(config.timeouts.quota_holdoff_seconds),
             capacity_holdoff: seconds(config.timeouts.capacity_holdoff_seconds),
-            create_cap_holdoff: std::time::Duration::from_secs(5).min(seconds(config.timeouts.probe_interval_seconds)),
+            create_cap_holdoff: std::time::Duration::from_secs(5)
+                .min(seconds(config.timeouts.probe_interval_seconds)),
             default_tags: config.resource_tags.clone(),
         },
     ));

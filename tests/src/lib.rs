@@ -140,11 +140,24 @@ impl Drop for LoopbackCloud {
 /// failed test left running (detached runners) must not outlive it.
 pub fn kill_processes_under(dir: &Path) {
     let prefix = format!("DISPATCH_CLOUD_VM_ROOT={}", dir.display());
-    let Ok(procs) = std::fs::read_dir("/proc") else { return };
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
     for entry in procs.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else { continue };
-        if environ.split(|b| *b == 0).any(|v| v.starts_with(prefix.as_bytes())) {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ
+            .split(|b| *b == 0)
+            .any(|v| v.starts_with(prefix.as_bytes()))
+        {
             let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
         }
     }
@@ -269,9 +282,17 @@ impl ServeHarness {
         Self::start_full(cluster_extra, loopback_extra, deploy, 1.5)
     }
 
-    pub fn start_full(cluster_extra: &str, loopback_extra: &str, deploy: bool, idle_seconds: f64) -> Self {
+    pub fn start_full(
+        cluster_extra: &str,
+        loopback_extra: &str,
+        deploy: bool,
+        idle_seconds: f64,
+    ) -> Self {
         let cloud = LoopbackCloud::new();
-        let dir = tempfile::Builder::new().prefix("dcs").tempdir_in("/tmp").expect("tmp");
+        let dir = tempfile::Builder::new()
+            .prefix("dcs")
+            .tempdir_in("/tmp")
+            .expect("tmp");
         let plugins = write_plugins_toml(
             dir.path(),
             &loopback_catalogue_text(&cloud, "zzzzz-zzzzz-servetest000000", loopback_extra),
@@ -323,7 +344,10 @@ impl ServeHarness {
             .arg("serve")
             .arg("--config")
             .arg(&self.config_file)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("DISPATCH_CLOUD_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -357,7 +381,12 @@ impl ServeHarness {
     }
 
     /// Waits until `done` holds, or panics with `what` and the serve log after `timeout`.
-    pub fn wait_for(&self, what: &str, timeout: std::time::Duration, mut done: impl FnMut() -> bool) {
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: std::time::Duration,
+        mut done: impl FnMut() -> bool,
+    ) {
         let deadline = std::time::Instant::now() + timeout;
         while std::time::Instant::now() < deadline {
             if done() {
@@ -367,7 +396,10 @@ impl ServeHarness {
         }
         let log = self.log();
         let tail: Vec<&str> = log.lines().rev().take(60).collect();
-        panic!("timed out waiting for {what}; serve log tail:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        panic!(
+            "timed out waiting for {what}; serve log tail:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
     }
 }
 
@@ -376,7 +408,10 @@ impl Drop for ServeHarness {
         self.kill();
         if std::thread::panicking() {
             // Keep the evidence: the temporary directory goes away with the harness.
-            let _ = std::fs::copy(self.dir.path().join("serve.log"), "/tmp/dispatch-cloud-failed-serve.log");
+            let _ = std::fs::copy(
+                self.dir.path().join("serve.log"),
+                "/tmp/dispatch-cloud-failed-serve.log",
+            );
         }
     }
 }

@@ -37,7 +37,11 @@ fn job(runs: &str, tag: &str, vcpus: u32, ram: u64, priority: i64, body: &str) -
     env.insert("TAG".into(), tag.into());
     env.insert("RUNS".into(), runs.into());
     NewContainer {
-        command: vec!["sh".into(), "-c".into(), format!("echo \"$TAG\" >> \"$RUNS\"; {body}")],
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            format!("echo \"$TAG\" >> \"$RUNS\"; {body}"),
+        ],
         env,
         working_dir: None,
         image: None,
@@ -58,7 +62,10 @@ fn runs_file(h: &ServeHarness) -> String {
 
 fn run_counts(h: &ServeHarness) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
-    for line in std::fs::read_to_string(runs_file(h)).unwrap_or_default().lines() {
+    for line in std::fs::read_to_string(runs_file(h))
+        .unwrap_or_default()
+        .lines()
+    {
         *counts.entry(line.to_string()).or_insert(0) += 1;
     }
     counts
@@ -68,7 +75,8 @@ fn all_final(h: &ServeHarness, ids: &[String]) -> bool {
     match h.client().list() {
         Ok(list) => {
             let done: HashMap<&str, &Container> = list.iter().map(|c| (c.id.as_str(), c)).collect();
-            ids.iter().all(|id| done.get(id.as_str()).is_some_and(|c| c.state.is_final()))
+            ids.iter()
+                .all(|id| done.get(id.as_str()).is_some_and(|c| c.state.is_final()))
         }
         Err(_) => false,
     }
@@ -76,12 +84,18 @@ fn all_final(h: &ServeHarness, ids: &[String]) -> bool {
 
 fn cloud_vm_count(h: &ServeHarness) -> usize {
     let (_p, _e, set) = loopback_set(&h.cloud, "zzzzz-zzzzz-servetest000000", "");
-    set.instances(&Tags::new()).map(|l| l.len()).unwrap_or(usize::MAX)
+    set.instances(&Tags::new())
+        .map(|l| l.len())
+        .unwrap_or(usize::MAX)
 }
 
 fn wait_until_nothing_left(h: &ServeHarness) {
     h.wait_for("idle VMs to shut down", Duration::from_secs(60), || {
-        h.client().instances().map(|l| l.is_empty()).unwrap_or(false) && cloud_vm_count(h) == 0
+        h.client()
+            .instances()
+            .map(|l| l.is_empty())
+            .unwrap_or(false)
+            && cloud_vm_count(h) == 0
     });
 }
 
@@ -96,33 +110,63 @@ fn a_mixed_batch_completes_packed_and_idle_vms_go_away() {
     let mut ids = Vec::new();
     for i in 0..50usize {
         let tag = format!("job{i}");
-        let body = format!("sleep 0.{}; echo out-$TAG; echo err-$TAG >&2; exit {}", 4 + i % 5, i % 5);
+        let body = format!(
+            "sleep 0.{}; echo out-$TAG; echo err-$TAG >&2; exit {}",
+            4 + i % 5,
+            i % 5
+        );
         let c = client
-            .submit(&job(&runs, &tag, vcpus[i % 6], rams[i % 4], 1 + (i % 10) as i64, &body))
+            .submit(&job(
+                &runs,
+                &tag,
+                vcpus[i % 6],
+                rams[i % 4],
+                1 + (i % 10) as i64,
+                &body,
+            ))
             .expect("submit");
         expected.insert(c.id.clone(), (tag, (i % 5) as i32));
         ids.push(c.id);
     }
-    h.wait_for("50 containers to finish", Duration::from_secs(180), || all_final(&h, &ids));
+    h.wait_for("50 containers to finish", Duration::from_secs(180), || {
+        all_final(&h, &ids)
+    });
 
     let list = client.list().expect("list");
-    let ours: Vec<&Container> = list.iter().filter(|c| expected.contains_key(&c.id)).collect();
+    let ours: Vec<&Container> = list
+        .iter()
+        .filter(|c| expected.contains_key(&c.id))
+        .collect();
     assert_eq!(ours.len(), 50);
     for c in &ours {
         let (tag, code) = &expected[&c.id];
         assert_eq!(c.state, ContainerState::Complete, "{c:?}");
         assert_eq!(c.exit_code, Some(*code), "{c:?}");
-        assert_eq!(text(&client.logs(&c.id, "stdout").expect("stdout")), format!("out-{tag}\n"));
-        assert_eq!(text(&client.logs(&c.id, "stderr").expect("stderr")), format!("err-{tag}\n"));
+        assert_eq!(
+            text(&client.logs(&c.id, "stdout").expect("stdout")),
+            format!("out-{tag}\n")
+        );
+        assert_eq!(
+            text(&client.logs(&c.id, "stderr").expect("stderr")),
+            format!("err-{tag}\n")
+        );
     }
     let counts = run_counts(&h);
     for (tag, _) in expected.values() {
-        assert_eq!(counts.get(tag), Some(&1), "{tag} ran {:?} times", counts.get(tag));
+        assert_eq!(
+            counts.get(tag),
+            Some(&1),
+            "{tag} ran {:?} times",
+            counts.get(tag)
+        );
     }
     // Packing: two containers overlapped in time on one VM.
     let mut by_instance: HashMap<&str, Vec<&Container>> = HashMap::new();
     for c in &ours {
-        by_instance.entry(c.instance_id.as_deref().unwrap_or("")).or_default().push(c);
+        by_instance
+            .entry(c.instance_id.as_deref().unwrap_or(""))
+            .or_default()
+            .push(c);
     }
     let packed = by_instance.values().any(|cs| {
         cs.iter().any(|a| {
@@ -134,7 +178,10 @@ fn a_mixed_batch_completes_packed_and_idle_vms_go_away() {
         })
     });
     assert!(packed, "no VM ran two containers at once: {by_instance:#?}");
-    assert!(by_instance.len() < 50, "every container had a VM of its own");
+    assert!(
+        by_instance.len() < 50,
+        "every container had a VM of its own"
+    );
     wait_until_nothing_left(&h);
 }
 
@@ -143,37 +190,67 @@ fn unsatisfiable_cancel_and_priority_zero() {
     let h = ServeHarness::start(TYPES, "");
     let runs = runs_file(&h);
     let client = h.client();
-    let huge = client.submit(&job(&runs, "huge", 64, MIB, 1, "true")).expect("submit");
-    h.wait_for("the unsatisfiable container to be cancelled", Duration::from_secs(30), || {
-        client.get(&huge.id).map(|c| c.state == ContainerState::Cancelled).unwrap_or(false)
-    });
-    let reason = client.get(&huge.id).expect("get").runtime_error.unwrap_or_default();
+    let huge = client
+        .submit(&job(&runs, "huge", 64, MIB, 1, "true"))
+        .expect("submit");
+    h.wait_for(
+        "the unsatisfiable container to be cancelled",
+        Duration::from_secs(30),
+        || {
+            client
+                .get(&huge.id)
+                .map(|c| c.state == ContainerState::Cancelled)
+                .unwrap_or(false)
+        },
+    );
+    let reason = client
+        .get(&huge.id)
+        .expect("get")
+        .runtime_error
+        .unwrap_or_default();
     assert!(reason.contains("not satisfiable"), "{reason}");
     assert!(reason.contains("64 vCPUs"), "{reason}");
 
-    let a = client.submit(&job(&runs, "a", 1, MIB, 1, "sleep 60")).expect("a");
-    let b = client.submit(&job(&runs, "b", 1, MIB, 1, "sleep 60")).expect("b");
+    let a = client
+        .submit(&job(&runs, "a", 1, MIB, 1, "sleep 60"))
+        .expect("a");
+    let b = client
+        .submit(&job(&runs, "b", 1, MIB, 1, "sleep 60"))
+        .expect("b");
     h.wait_for("both to run", Duration::from_secs(60), || {
-        [&a.id, &b.id]
-            .iter()
-            .all(|id| client.get(id).map(|c| c.state == ContainerState::Running).unwrap_or(false))
+        [&a.id, &b.id].iter().all(|id| {
+            client
+                .get(id)
+                .map(|c| c.state == ContainerState::Running)
+                .unwrap_or(false)
+        })
     });
     client.cancel(&a.id).expect("cancel");
     client.set_priority(&b.id, 0).expect("priority 0");
     h.wait_for("b to end", Duration::from_secs(30), || {
-        client.get(&b.id).map(|c| c.state.is_final()).unwrap_or(false)
+        client
+            .get(&b.id)
+            .map(|c| c.state.is_final())
+            .unwrap_or(false)
     });
     let b_now = client.get(&b.id).expect("b");
     assert_eq!(b_now.state, ContainerState::Cancelled, "{b_now:?}");
     assert!(b_now.runtime_error.unwrap_or_default().contains("priority"));
-    assert_eq!(client.get(&a.id).expect("a").state, ContainerState::Cancelled);
+    assert_eq!(
+        client.get(&a.id).expect("a").state,
+        ContainerState::Cancelled
+    );
     // Both `sleep 60`s were stopped: the VMs become idle and go away long before 60 s.
-    h.wait_for("the killed containers' VMs to empty", Duration::from_secs(30), || {
-        client
-            .instances()
-            .map(|l| l.iter().all(|i| i.containers.is_empty()))
-            .unwrap_or(false)
-    });
+    h.wait_for(
+        "the killed containers' VMs to empty",
+        Duration::from_secs(30),
+        || {
+            client
+                .instances()
+                .map(|l| l.iter().all(|i| i.containers.is_empty()))
+                .unwrap_or(false)
+        },
+    );
     wait_until_nothing_left(&h);
 }
 
@@ -185,20 +262,36 @@ fn kill_9_and_restart_ends_every_container_exactly_once() {
     for i in 0..20 {
         let c = h
             .client()
-            .submit(&job(&runs, &format!("r{i}"), 1, 256 * MIB, 1, "sleep 1.5; echo done"))
+            .submit(&job(
+                &runs,
+                &format!("r{i}"),
+                1,
+                256 * MIB,
+                1,
+                "sleep 1.5; echo done",
+            ))
             .expect("submit");
         ids.push(c.id);
     }
     h.wait_for("some containers to run", Duration::from_secs(60), || {
         h.client()
             .list()
-            .map(|l| l.iter().filter(|c| c.state == ContainerState::Running).count() >= 3)
+            .map(|l| {
+                l.iter()
+                    .filter(|c| c.state == ContainerState::Running)
+                    .count()
+                    >= 3
+            })
             .unwrap_or(false)
     });
     h.kill();
     std::thread::sleep(Duration::from_millis(500));
     h.spawn();
-    h.wait_for("every container to end after the restart", Duration::from_secs(120), || all_final(&h, &ids));
+    h.wait_for(
+        "every container to end after the restart",
+        Duration::from_secs(120),
+        || all_final(&h, &ids),
+    );
     let list = h.client().list().expect("list");
     for c in list.iter().filter(|c| ids.contains(&c.id)) {
         assert_eq!(c.state, ContainerState::Complete, "{c:?}");
@@ -232,15 +325,30 @@ fn the_batch_completes_exactly_once_under_cloud_faults() {
         let vcpus = [1, 2, 3][i % 3];
         let c = h
             .client()
-            .submit(&job(&runs, &format!("f{i}"), vcpus, 512 * MIB, 1 + (i % 4) as i64, "sleep 0.5; exit 0"))
+            .submit(&job(
+                &runs,
+                &format!("f{i}"),
+                vcpus,
+                512 * MIB,
+                1 + (i % 4) as i64,
+                "sleep 0.5; exit 0",
+            ))
             .expect("submit");
         ids.push(c.id);
     }
-    h.wait_for("the batch to finish under faults", Duration::from_secs(240), || all_final(&h, &ids));
+    h.wait_for(
+        "the batch to finish under faults",
+        Duration::from_secs(240),
+        || all_final(&h, &ids),
+    );
     let list = h.client().list().expect("list");
     for c in list.iter().filter(|c| ids.contains(&c.id)) {
         assert_eq!(c.state, ContainerState::Complete, "{c:?}");
-        assert_ne!(c.instance_type.as_deref(), Some("medium"), "a type at capacity was used");
+        assert_ne!(
+            c.instance_type.as_deref(),
+            Some("medium"),
+            "a type at capacity was used"
+        );
     }
     let counts = run_counts(&h);
     for i in 0..30 {
@@ -248,7 +356,10 @@ fn the_batch_completes_exactly_once_under_cloud_faults() {
     }
     let log = h.log();
     for fault in ["quota exceeded", "no capacity", "rate limited", "broken"] {
-        assert!(log.contains(fault), "the fault {fault:?} never showed in the log");
+        assert!(
+            log.contains(fault),
+            "the fault {fault:?} never showed in the log"
+        );
     }
     wait_until_nothing_left(&h);
 }
@@ -259,8 +370,18 @@ fn cli_submit_wait_exits_with_the_containers_exit_code() {
     let h = ServeHarness::start_with(TYPES, "", true);
     let config = h.config_file().display().to_string();
     let out = cli(&[
-        "submit", "--config", &config, "--ram", "256MiB", "--wait", "--env", "WHO=world", "--",
-        "sh", "-c", "echo hello $WHO; exit 42",
+        "submit",
+        "--config",
+        &config,
+        "--ram",
+        "256MiB",
+        "--wait",
+        "--env",
+        "WHO=world",
+        "--",
+        "sh",
+        "-c",
+        "echo hello $WHO; exit 42",
     ]);
     assert_eq!(out.status.code(), Some(42), "{}", text(&out.stderr));
     let id = text(&out.stdout).trim().to_string();
@@ -273,5 +394,7 @@ fn cli_submit_wait_exits_with_the_containers_exit_code() {
     assert_eq!(list[0]["exit_code"], 42);
     let inst = cli(&["instances", "--config", &config, "--json"]);
     assert!(inst.status.success());
-    assert!(serde_json::from_slice::<serde_json::Value>(&inst.stdout).expect("json").is_array());
+    assert!(serde_json::from_slice::<serde_json::Value>(&inst.stdout)
+        .expect("json")
+        .is_array());
 }

@@ -10,12 +10,18 @@ use crate::ssh::CommandOutput;
 
 /// What the pool needs to run commands on a VM. Implemented by `ssh::Executor`.
 pub trait Exec: Send + Sync {
-    fn run(&self, command: &str, stdin: &[u8]) -> impl Future<Output = Result<CommandOutput, String>> + Send;
+    fn run(
+        &self,
+        command: &str,
+        stdin: &[u8],
+    ) -> impl Future<Output = Result<CommandOutput, String>> + Send;
 }
 
 impl Exec for crate::ssh::Executor {
     async fn run(&self, command: &str, stdin: &[u8]) -> Result<CommandOutput, String> {
-        self.execute(command, stdin).await.map_err(|e| e.to_string())
+        self.execute(command, stdin)
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -94,9 +100,12 @@ impl Remote<'_> {
             return Ok(());
         }
         let path = self.binary.remote_path();
-        let check = exec.run(&format!("sha256sum \"{path}\" 2>/dev/null"), b"").await?;
+        let check = exec
+            .run(&format!("sha256sum \"{path}\" 2>/dev/null"), b"")
+            .await?;
         let stdout = String::from_utf8_lossy(&check.stdout);
-        if check.success() && stdout.split_whitespace().next() == Some(self.binary.sha256.as_str()) {
+        if check.success() && stdout.split_whitespace().next() == Some(self.binary.sha256.as_str())
+        {
             return Ok(());
         }
         // Mode before content, rename last: a file with the right name is always complete.
@@ -104,7 +113,11 @@ impl Remote<'_> {
             "set -e; dst=\"{path}\"; mkdir -p \"$(dirname \"$dst\")\"; tmp=\"$dst.tmp.$$\"; \
              touch \"$tmp\"; chmod 0755 \"$tmp\"; cat >\"$tmp\"; mv \"$tmp\" \"$dst\""
         );
-        let script = if self.sudo { format!("sudo sh -c '{script}'") } else { script };
+        let script = if self.sudo {
+            format!("sudo sh -c '{script}'")
+        } else {
+            script
+        };
         let out = exec.run(&script, &self.binary.bytes).await?;
         if !out.success() {
             return Err(failed("deploying the runner", &out));
@@ -131,12 +144,16 @@ impl Remote<'_> {
 
     /// True once the container is gone.
     pub async fn kill<E: Exec>(&self, exec: &E, id: &str, signal: i32) -> Result<bool, String> {
-        let out = exec.run(&self.runner(&format!("kill {signal} {id}")), b"").await?;
+        let out = exec
+            .run(&self.runner(&format!("kill {signal} {id}")), b"")
+            .await?;
         Ok(out.success())
     }
 
     pub async fn logs<E: Exec>(&self, exec: &E, id: &str, stream: &str) -> Result<Vec<u8>, String> {
-        let out = exec.run(&self.runner(&format!("logs {id} {stream}")), b"").await?;
+        let out = exec
+            .run(&self.runner(&format!("logs {id} {stream}")), b"")
+            .await?;
         if !out.success() {
             return Err(failed("runner logs", &out));
         }
@@ -154,6 +171,10 @@ impl Remote<'_> {
 
 /// Runs the boot probe; Ok(true) when it exits 0.
 pub async fn boot_probe<E: Exec>(exec: &E, command: &str) -> Result<bool, String> {
-    let command = if command.trim().is_empty() { "true" } else { command };
+    let command = if command.trim().is_empty() {
+        "true"
+    } else {
+        command
+    };
     Ok(exec.run(command, b"").await?.success())
 }

@@ -102,7 +102,9 @@ pub fn decide(f: &Facts, now: Instant, t: &Timeouts) -> Option<Decision> {
             } else if f.status == WorkerStatus::Idle && f.runners == 0 {
                 match f.behavior {
                     IdleBehavior::Drain => Some(Decision::Shutdown("drained")),
-                    IdleBehavior::Run if since(f.busy_at) >= t.idle => Some(Decision::Shutdown("idle timeout")),
+                    IdleBehavior::Run if since(f.busy_at) >= t.idle => {
+                        Some(Decision::Shutdown("idle timeout"))
+                    }
                     _ => None,
                 }
             } else if f.behavior == IdleBehavior::Drain && f.runners > 0 && f.all_runners_gave_up {
@@ -137,12 +139,23 @@ mod tests {
 
     /// One row: status, behaviour, seconds since appearing, since last ok probe, since busy,
     /// runners, gave up → expected decision.
-    type Row = (WorkerStatus, IdleBehavior, u64, Option<u64>, u64, usize, bool, Option<&'static str>);
+    type Row = (
+        WorkerStatus,
+        IdleBehavior,
+        u64,
+        Option<u64>,
+        u64,
+        usize,
+        bool,
+        Option<&'static str>,
+    );
 
     fn check(rows: &[Row]) {
         let base = Instant::now();
         let now = base + Duration::from_secs(10_000);
-        for (i, (status, behavior, appeared, ok, busy, runners, gave_up, expected)) in rows.iter().enumerate() {
+        for (i, (status, behavior, appeared, ok, busy, runners, gave_up, expected)) in
+            rows.iter().enumerate()
+        {
             let facts = Facts {
                 status: status.clone(),
                 behavior: *behavior,
@@ -166,16 +179,43 @@ mod tests {
             (Unknown, Run, 600, None, 600, 0, false, Some("boot timeout")),
             (Booting, Run, 700, None, 700, 0, false, Some("boot timeout")),
             (Booting, Hold, 700, None, 700, 0, false, None),
-            (Booting, Drain, 5, None, 5, 0, false, Some("drained while booting")),
+            (
+                Booting,
+                Drain,
+                5,
+                None,
+                5,
+                0,
+                false,
+                Some("drained while booting"),
+            ),
             (Idle, Run, 900, Some(1), 59, 0, false, None),
             (Idle, Run, 900, Some(1), 60, 0, false, Some("idle timeout")),
             (Idle, Hold, 900, Some(1), 6000, 0, false, None),
             (Idle, Drain, 900, Some(1), 0, 0, false, Some("drained")),
-            (Idle, Run, 900, Some(600), 0, 0, false, Some("probe timeout")),
+            (
+                Idle,
+                Run,
+                900,
+                Some(600),
+                0,
+                0,
+                false,
+                Some("probe timeout"),
+            ),
             (Running, Hold, 900, Some(6000), 0, 1, false, None),
             (Running, Run, 900, Some(1), 6000, 2, false, None),
             (Running, Drain, 900, Some(1), 0, 2, false, None),
-            (Running, Drain, 900, Some(1), 0, 2, true, Some("runners ignored SIGTERM")),
+            (
+                Running,
+                Drain,
+                900,
+                Some(1),
+                0,
+                2,
+                true,
+                Some("runners ignored SIGTERM"),
+            ),
             (Shutdown, Run, 9000, None, 9000, 0, false, None),
         ]);
     }
@@ -193,7 +233,11 @@ mod tests {
             (Shutdown, true, 1, Shutdown),
         ];
         for (from, booted, runners, to) in rows {
-            assert_eq!(after_probe(&from, booted, runners), to, "{from:?} booted={booted} runners={runners}");
+            assert_eq!(
+                after_probe(&from, booted, runners),
+                to,
+                "{from:?} booted={booted} runners={runners}"
+            );
         }
     }
 }

@@ -147,7 +147,12 @@ pub trait Queue: Send + Sync {
     /// Locked → Queued; Cancelled instead once `lock_count` reached `max_attempts`.
     fn unlock(&self, id: &str, max_attempts: u32) -> Result<ContainerState, QueueError>;
     /// Locked → Running on `instance_id`, of `instance_type` when known.
-    fn set_running(&self, id: &str, instance_id: &str, instance_type: Option<&str>) -> Result<(), QueueError>;
+    fn set_running(
+        &self,
+        id: &str,
+        instance_id: &str,
+        instance_type: Option<&str>,
+    ) -> Result<(), QueueError>;
     /// Locked/Running → Complete with the runner's result.
     fn complete(
         &self,

@@ -106,11 +106,14 @@ impl SqliteQueue {
             source,
         };
         let mut conn = Connection::open(path).map_err(db_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db_err)?;
         // NORMAL in WAL mode is durable across application crashes (kill -9), which is the
         // failure the tests and operators care about; only an OS crash may lose the last commit.
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(db_err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(db_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(db_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(db_err)?;
         let version: usize = conn
             .pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))
             .map_err(db_err)?
@@ -126,7 +129,8 @@ impl SqliteQueue {
         for (i, migration) in MIGRATIONS.iter().enumerate().skip(version) {
             let tx = conn.transaction().map_err(db_err)?;
             tx.execute_batch(migration).map_err(db_err)?;
-            tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(db_err)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)
+                .map_err(db_err)?;
             tx.commit().map_err(db_err)?;
         }
         Ok(SqliteQueue {
@@ -192,8 +196,10 @@ impl Queue for SqliteQueue {
         }
         let id = new_id(&self.cluster_id);
         let rc = &new.runtime_constraints;
-        let command = serde_json::to_string(&new.command).map_err(|e| QueueError::Invalid(e.to_string()))?;
-        let env = serde_json::to_string(&new.env).map_err(|e| QueueError::Invalid(e.to_string()))?;
+        let command =
+            serde_json::to_string(&new.command).map_err(|e| QueueError::Invalid(e.to_string()))?;
+        let env =
+            serde_json::to_string(&new.env).map_err(|e| QueueError::Invalid(e.to_string()))?;
         self.with(|c| {
             c.execute(
                 "INSERT INTO containers (id, state, priority, command, env, working_dir, image,
@@ -275,7 +281,12 @@ impl Queue for SqliteQueue {
         Ok(ContainerState::Queued)
     }
 
-    fn set_running(&self, id: &str, instance_id: &str, instance_type: Option<&str>) -> Result<(), QueueError> {
+    fn set_running(
+        &self,
+        id: &str,
+        instance_id: &str,
+        instance_type: Option<&str>,
+    ) -> Result<(), QueueError> {
         self.transition(
             id,
             &[ContainerState::Locked],
@@ -359,12 +370,22 @@ mod tests {
         assert_eq!(c.state, ContainerState::Queued);
         assert!(c.id.starts_with("zzzzz-dz642-"));
         assert!(q.lock(&c.id, "small").expect("lock"));
-        assert!(!q.lock(&c.id, "small").expect("second lock"), "locked twice");
+        assert!(
+            !q.lock(&c.id, "small").expect("second lock"),
+            "locked twice"
+        );
         q.set_running(&c.id, "i-1", Some("medium")).expect("run");
         q.complete(&c.id, 3, None, "/logs/x").expect("complete");
         let done = q.get(&c.id).expect("get");
-        assert_eq!((done.state, done.exit_code, done.lock_count), (ContainerState::Complete, Some(3), 1));
-        assert_eq!(done.instance_type.as_deref(), Some("medium"), "the type it ran on");
+        assert_eq!(
+            (done.state, done.exit_code, done.lock_count),
+            (ContainerState::Complete, Some(3), 1)
+        );
+        assert_eq!(
+            done.instance_type.as_deref(),
+            Some("medium"),
+            "the type it ran on"
+        );
         assert!(q.cancel(&c.id, "late").is_err(), "final state changed");
         assert!(q.complete(&c.id, 0, None, "/x").is_err(), "completed twice");
     }
@@ -378,8 +399,16 @@ mod tests {
             assert_eq!(q.unlock(&c.id, 3).expect("unlock"), ContainerState::Queued);
         }
         assert!(q.lock(&c.id, "small").expect("lock"));
-        assert_eq!(q.unlock(&c.id, 3).expect("unlock"), ContainerState::Cancelled);
-        assert!(q.get(&c.id).expect("get").runtime_error.expect("reason").contains("max_dispatch_attempts"));
+        assert_eq!(
+            q.unlock(&c.id, 3).expect("unlock"),
+            ContainerState::Cancelled
+        );
+        assert!(q
+            .get(&c.id)
+            .expect("get")
+            .runtime_error
+            .expect("reason")
+            .contains("max_dispatch_attempts"));
     }
 
     #[test]

@@ -35,7 +35,10 @@ pub struct WorkerSlot {
 /// What a runner on some worker reported for a container.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RunnerSeen {
-    /// Starting or running.
+    /// This process sent the start command and no probe has listed it yet: it occupies the
+    /// worker, but nothing is recorded from it (the start may never have reached the VM).
+    Starting { worker: String },
+    /// A probe listed it as running.
     Running { worker: String },
     /// Finished; its result has not been recorded yet.
     Exited { worker: String },
@@ -46,9 +49,10 @@ pub enum RunnerSeen {
 impl RunnerSeen {
     pub fn worker(&self) -> &str {
         match self {
-            RunnerSeen::Running { worker } | RunnerSeen::Exited { worker } | RunnerSeen::Stale { worker } => {
-                worker
-            }
+            RunnerSeen::Starting { worker }
+            | RunnerSeen::Running { worker }
+            | RunnerSeen::Exited { worker }
+            | RunnerSeen::Stale { worker } => worker,
         }
     }
 }
@@ -76,22 +80,50 @@ pub struct PlanInput<'a> {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
-    Lock { container: String, instance_type: String },
-    Unlock { container: String },
+    Lock {
+        container: String,
+        instance_type: String,
+    },
+    Unlock {
+        container: String,
+    },
     /// Start on a booted worker.
-    Start { container: String, worker: String },
+    Start {
+        container: String,
+        worker: String,
+    },
     /// Boot a VM of this type; `container` is the one it is for (already locked).
-    Create { instance_type: String, container: String },
-    Cancel { container: String, reason: String },
+    Create {
+        instance_type: String,
+        container: String,
+    },
+    Cancel {
+        container: String,
+        reason: String,
+    },
     /// Record a runner's result (the queue then says Complete) and forget it on the VM.
-    Finalize { container: String, worker: String },
+    Finalize {
+        container: String,
+        worker: String,
+    },
     /// A runner the queue thought was only Locked: record it as Running there.
-    Adopt { container: String, worker: String },
-    Kill { container: String, worker: String },
+    Adopt {
+        container: String,
+        worker: String,
+    },
+    Kill {
+        container: String,
+        worker: String,
+    },
     /// Remove a finished runner of a container whose state is already final.
-    Forget { container: String, worker: String },
+    Forget {
+        container: String,
+        worker: String,
+    },
     /// Shut down an idle worker (to free quota for work of another size).
-    Shutdown { worker: String },
+    Shutdown {
+        worker: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -108,7 +140,10 @@ impl Resources {
         Resources {
             vcpus: i64::from(t.vcpus),
             ram: clamp(t.ram_bytes),
-            scratch: clamp(t.included_scratch_bytes.saturating_add(t.added_scratch_bytes)),
+            scratch: clamp(
+                t.included_scratch_bytes
+                    .saturating_add(t.added_scratch_bytes),
+            ),
             gpus: i64::from(t.gpu_count),
         }
     }
@@ -124,7 +159,10 @@ impl Resources {
     }
 
     fn covers(&self, need: &Resources) -> bool {
-        self.vcpus >= need.vcpus && self.ram >= need.ram && self.scratch >= need.scratch && self.gpus >= need.gpus
+        self.vcpus >= need.vcpus
+            && self.ram >= need.ram
+            && self.scratch >= need.scratch
+            && self.gpus >= need.gpus
     }
 
     fn take(&mut self, need: &Resources) {
@@ -173,7 +211,9 @@ struct Slot<'a> {
 
 impl Slot<'_> {
     fn full(&self, max_per_instance: usize) -> bool {
-        self.free.vcpus <= 0 || self.free.ram <= 0 || (max_per_instance > 0 && self.count >= max_per_instance)
+        self.free.vcpus <= 0
+            || self.free.ram <= 0
+            || (max_per_instance > 0 && self.count >= max_per_instance)
     }
 }
 
@@ -193,17 +233,24 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
     let queue_ids: HashSet<&str> = input.containers.iter().map(|c| c.id.as_str()).collect();
 
     // Syncer: reconcile each container with its runner.
-    let any_unknown = input.workers.iter().any(|w| w.status == WorkerStatus::Unknown);
+    let any_unknown = input
+        .workers
+        .iter()
+        .any(|w| w.status == WorkerStatus::Unknown);
     for c in input.containers {
         let seen = input.runners.get(&c.id);
         match (c.state, seen) {
-            (ContainerState::Running | ContainerState::Locked, Some(RunnerSeen::Exited { worker })) => {
-                actions.push(Action::Finalize {
-                    container: c.id.clone(),
-                    worker: worker.clone(),
-                })
-            }
-            (ContainerState::Running | ContainerState::Locked, Some(RunnerSeen::Stale { worker })) => {
+            (
+                ContainerState::Running | ContainerState::Locked,
+                Some(RunnerSeen::Exited { worker }),
+            ) => actions.push(Action::Finalize {
+                container: c.id.clone(),
+                worker: worker.clone(),
+            }),
+            (
+                ContainerState::Running | ContainerState::Locked,
+                Some(RunnerSeen::Stale { worker }),
+            ) => {
                 actions.push(Action::Cancel {
                     container: c.id.clone(),
                     reason: "the runner on the VM died without a result".into(),
@@ -213,26 +260,31 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
                     worker: worker.clone(),
                 });
             }
-            (ContainerState::Running | ContainerState::Locked, Some(RunnerSeen::Running { worker }))
-                if c.priority == 0 =>
-            {
-                actions.push(Action::Kill {
+            (
+                ContainerState::Running | ContainerState::Locked,
+                Some(RunnerSeen::Running { worker }),
+            ) if c.priority == 0 => actions.push(Action::Kill {
+                container: c.id.clone(),
+                worker: worker.clone(),
+            }),
+            (ContainerState::Locked, Some(RunnerSeen::Running { worker })) => {
+                actions.push(Action::Adopt {
                     container: c.id.clone(),
                     worker: worker.clone(),
                 })
             }
-            (ContainerState::Locked, Some(RunnerSeen::Running { worker })) => actions.push(Action::Adopt {
-                container: c.id.clone(),
-                worker: worker.clone(),
-            }),
-            (ContainerState::Running, None) if !any_unknown && input.pool_recovered => {
-                actions.push(Action::Cancel {
+            (ContainerState::Running, None) if !any_unknown && input.pool_recovered => actions
+                .push(Action::Cancel {
                     container: c.id.clone(),
                     reason: "not running on any worker".into(),
-                })
-            }
-            (ContainerState::Complete | ContainerState::Cancelled | ContainerState::Queued, Some(seen)) => {
+                }),
+            (
+                ContainerState::Complete | ContainerState::Cancelled | ContainerState::Queued,
+                Some(seen),
+            ) => {
                 match seen {
+                    // Decide once a probe has seen it.
+                    RunnerSeen::Starting { .. } => {}
                     RunnerSeen::Running { worker } => actions.push(Action::Kill {
                         container: c.id.clone(),
                         worker: worker.clone(),
@@ -257,6 +309,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
     strays.sort_by(|a, b| a.0.cmp(b.0));
     for (id, seen) in strays {
         actions.push(match seen {
+            RunnerSeen::Starting { .. } => continue,
             RunnerSeen::Running { worker } => Action::Kill {
                 container: id.clone(),
                 worker: worker.clone(),
@@ -295,7 +348,9 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
     for c in input.containers {
         if let Some(seen) = input.runners.get(&c.id) {
             if let Some(&i) = slot_of.get(seen.worker()) {
-                slots[i].free.take(&Resources::of_need(&c.runtime_constraints));
+                slots[i]
+                    .free
+                    .take(&Resources::of_need(&c.runtime_constraints));
                 slots[i].count += 1;
             }
         }
@@ -351,7 +406,13 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
         }
         let rc = &c.runtime_constraints;
         let eligible = eligible_cache
-            .entry((rc.vcpus, rc.ram_bytes, rc.scratch_bytes, rc.gpus, rc.preemptible))
+            .entry((
+                rc.vcpus,
+                rc.ram_bytes,
+                rc.scratch_bytes,
+                rc.gpus,
+                rc.preemptible,
+            ))
             .or_insert_with(|| {
                 eligible_types(rc, input.types, input.maximum_price_factor)
                     .into_iter()
@@ -395,7 +456,9 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
                         let bs = &slots[b];
                         price < best_price
                             || s.count > bs.count
-                            || (s.count == bs.count && booted(&s.worker.status) && !booted(&bs.worker.status))
+                            || (s.count == bs.count
+                                && booted(&s.worker.status)
+                                && !booted(&bs.worker.status))
                     }
                 };
                 if better {
@@ -513,7 +576,11 @@ mod tests {
             price,
             ..InstanceType::minimal(name)
         };
-        vec![t("small", 2, 2, 0.02), t("medium", 4, 8, 0.05), t("large", 8, 16, 0.08)]
+        vec![
+            t("small", 2, 2, 0.02),
+            t("medium", 4, 8, 0.05),
+            t("large", 8, 16, 0.08),
+        ]
     }
 
     fn c(id: &str, state: ContainerState, priority: i64, vcpus: u32, ram_gib: u64) -> Container {
@@ -573,16 +640,27 @@ mod tests {
     }
 
     fn lock(c: &str, t: &str) -> Action {
-        Action::Lock { container: c.into(), instance_type: t.into() }
+        Action::Lock {
+            container: c.into(),
+            instance_type: t.into(),
+        }
     }
     fn start(c: &str, w: &str) -> Action {
-        Action::Start { container: c.into(), worker: w.into() }
+        Action::Start {
+            container: c.into(),
+            worker: w.into(),
+        }
     }
     fn create(t: &str, c: &str) -> Action {
-        Action::Create { instance_type: t.into(), container: c.into() }
+        Action::Create {
+            instance_type: t.into(),
+            container: c.into(),
+        }
     }
     fn unlock(c: &str) -> Action {
-        Action::Unlock { container: c.into() }
+        Action::Unlock {
+            container: c.into(),
+        }
     }
     fn running(w: &str) -> RunnerSeen {
         RunnerSeen::Running { worker: w.into() }
@@ -595,9 +673,17 @@ mod tests {
     fn check(rows: Vec<Row>) {
         let types = types();
         for row in rows {
-            let runners: HashMap<String, RunnerSeen> =
-                row.runners.iter().map(|(id, r)| (id.to_string(), r.clone())).collect();
-            let at_capacity: HashSet<String> = row.flags.at_capacity.iter().map(|s| s.to_string()).collect();
+            let runners: HashMap<String, RunnerSeen> = row
+                .runners
+                .iter()
+                .map(|(id, r)| (id.to_string(), r.clone()))
+                .collect();
+            let at_capacity: HashSet<String> = row
+                .flags
+                .at_capacity
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
             let input = PlanInput {
                 containers: &row.containers,
                 workers: &row.workers,
@@ -758,7 +844,10 @@ mod tests {
                 workers: vec![w("i1", "small", Running)],
                 runners: vec![("a", exited("i1"))],
                 flags: Flags::default(),
-                expect: vec![Action::Finalize { container: "a".into(), worker: "i1".into() }],
+                expect: vec![Action::Finalize {
+                    container: "a".into(),
+                    worker: "i1".into(),
+                }],
             },
             Row {
                 name: "locked container whose runner exited (host crashed after start): record it",
@@ -766,7 +855,10 @@ mod tests {
                 workers: vec![w("i1", "small", Running)],
                 runners: vec![("a", exited("i1"))],
                 flags: Flags::default(),
-                expect: vec![Action::Finalize { container: "a".into(), worker: "i1".into() }],
+                expect: vec![Action::Finalize {
+                    container: "a".into(),
+                    worker: "i1".into(),
+                }],
             },
             Row {
                 name: "locked container found running: adopt it",
@@ -774,7 +866,23 @@ mod tests {
                 workers: vec![w("i1", "small", Running)],
                 runners: vec![("a", running("i1"))],
                 flags: Flags::default(),
-                expect: vec![Action::Adopt { container: "a".into(), worker: "i1".into() }],
+                expect: vec![Action::Adopt {
+                    container: "a".into(),
+                    worker: "i1".into(),
+                }],
+            },
+            Row {
+                name: "locked and only just started by this process: nothing to record yet",
+                containers: vec![c("a", Locked, 1, 1, 1)],
+                workers: vec![w("i1", "small", Running)],
+                runners: vec![(
+                    "a",
+                    RunnerSeen::Starting {
+                        worker: "i1".into(),
+                    },
+                )],
+                flags: Flags::default(),
+                expect: vec![],
             },
             Row {
                 name: "running, on no worker, pool recovered: cancel",
@@ -782,7 +890,10 @@ mod tests {
                 workers: vec![w("i1", "small", Idle)],
                 runners: vec![],
                 flags: Flags::default(),
-                expect: vec![Action::Cancel { container: "a".into(), reason: "not running on any worker".into() }],
+                expect: vec![Action::Cancel {
+                    container: "a".into(),
+                    reason: "not running on any worker".into(),
+                }],
             },
             Row {
                 name: "running, on no known worker, but one is unprobed: wait",
@@ -798,7 +909,10 @@ mod tests {
                 workers: vec![w("i1", "small", Running)],
                 runners: vec![("a", running("i1"))],
                 flags: Flags::default(),
-                expect: vec![Action::Kill { container: "a".into(), worker: "i1".into() }],
+                expect: vec![Action::Kill {
+                    container: "a".into(),
+                    worker: "i1".into(),
+                }],
             },
             Row {
                 name: "cancelled but still running: kill; complete and exited: forget",
@@ -807,19 +921,36 @@ mod tests {
                 runners: vec![("a", running("i1")), ("b", exited("i1"))],
                 flags: Flags::default(),
                 expect: vec![
-                    Action::Kill { container: "a".into(), worker: "i1".into() },
-                    Action::Forget { container: "b".into(), worker: "i1".into() },
+                    Action::Kill {
+                        container: "a".into(),
+                        worker: "i1".into(),
+                    },
+                    Action::Forget {
+                        container: "b".into(),
+                        worker: "i1".into(),
+                    },
                 ],
             },
             Row {
                 name: "a runner dead without a result: cancel and forget",
                 containers: vec![c("a", ContainerState::Running, 1, 1, 1)],
                 workers: vec![w("i1", "small", Running)],
-                runners: vec![("a", RunnerSeen::Stale { worker: "i1".into() })],
+                runners: vec![(
+                    "a",
+                    RunnerSeen::Stale {
+                        worker: "i1".into(),
+                    },
+                )],
                 flags: Flags::default(),
                 expect: vec![
-                    Action::Cancel { container: "a".into(), reason: "the runner on the VM died without a result".into() },
-                    Action::Forget { container: "a".into(), worker: "i1".into() },
+                    Action::Cancel {
+                        container: "a".into(),
+                        reason: "the runner on the VM died without a result".into(),
+                    },
+                    Action::Forget {
+                        container: "a".into(),
+                        worker: "i1".into(),
+                    },
                 ],
             },
             Row {
@@ -829,8 +960,14 @@ mod tests {
                 runners: vec![("x", running("i1")), ("y", exited("i1"))],
                 flags: Flags::default(),
                 expect: vec![
-                    Action::Kill { container: "x".into(), worker: "i1".into() },
-                    Action::Forget { container: "y".into(), worker: "i1".into() },
+                    Action::Kill {
+                        container: "x".into(),
+                        worker: "i1".into(),
+                    },
+                    Action::Forget {
+                        container: "y".into(),
+                        worker: "i1".into(),
+                    },
                 ],
             },
         ]);
@@ -840,12 +977,22 @@ mod tests {
     fn eligible_types_respect_the_price_factor_and_preemptibility() {
         let types = types();
         let names = |rc: &RuntimeConstraints, f: f64| -> Vec<String> {
-            eligible_types(rc, &types, f).iter().map(|t| t.name.clone()).collect()
+            eligible_types(rc, &types, f)
+                .iter()
+                .map(|t| t.name.clone())
+                .collect()
         };
-        let one = RuntimeConstraints { vcpus: 1, ram_bytes: GIB, ..Default::default() };
+        let one = RuntimeConstraints {
+            vcpus: 1,
+            ram_bytes: GIB,
+            ..Default::default()
+        };
         assert_eq!(names(&one, 1.5), vec!["small"]);
         assert_eq!(names(&one, 4.0), vec!["small", "medium", "large"]);
-        let spot = RuntimeConstraints { preemptible: true, ..one.clone() };
+        let spot = RuntimeConstraints {
+            preemptible: true,
+            ..one.clone()
+        };
         assert!(names(&spot, 4.0).is_empty());
         let gpu = RuntimeConstraints { gpus: 1, ..one };
         assert!(names(&gpu, 4.0).is_empty());
