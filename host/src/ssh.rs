@@ -91,8 +91,9 @@ pub struct Executor {
     target: Arc<dyn Target>,
     key: Arc<PrivateKey>,
     dial_timeout: Duration,
-    /// tokio mutex: held across the dial so concurrent reconnects coalesce into one.
-    connection: tokio::sync::Mutex<Option<Handle<KeyCapture>>>,
+    /// tokio mutex: held across the dial so concurrent reconnects coalesce into one, and only
+    /// then; commands share the handle.
+    connection: tokio::sync::Mutex<Option<Arc<Handle<KeyCapture>>>>,
     /// The key that passed verification; a different key later is verified afresh.
     verified_key: Mutex<Option<String>>,
 }
@@ -114,33 +115,40 @@ impl Executor {
     }
 
     /// Runs `command` with `stdin`, reconnecting once if the existing connection is broken.
+    /// Commands run concurrently on the one connection; only dialling is serialized.
     pub async fn execute(&self, command: &str, stdin: &[u8]) -> Result<CommandOutput, SshError> {
-        let mut guard = self.connection.lock().await;
-        if let Some(handle) = guard.as_ref() {
-            if !handle.is_closed() {
-                // Only a failure to open the channel is retried: after that, the command may
-                // have run, and running it twice is worse than reporting the error.
-                match handle.channel_open_session().await {
-                    Ok(channel) => {
-                        return run_on(channel, command, stdin).await.map_err(|message| {
-                            SshError::Session {
-                                address: self.target.address(),
-                                message,
-                            }
-                        })
+        let session_error = |message: String| SshError::Session {
+            address: self.target.address(),
+            message,
+        };
+        let current = self.connection.lock().await.clone();
+        if let Some(handle) = current.filter(|h| !h.is_closed()) {
+            // Only a failure to open the channel is retried: after that, the command may
+            // have run, and running it twice is worse than reporting the error.
+            match handle.channel_open_session().await {
+                Ok(channel) => return run_on(channel, command, stdin).await.map_err(session_error),
+                Err(e) => {
+                    log::debug!("Existing SSH connection failed ({e}); reconnecting.");
+                    let mut guard = self.connection.lock().await;
+                    // Another command may have reconnected meanwhile; drop only the dead one.
+                    if guard.as_ref().is_some_and(|g| Arc::ptr_eq(g, &handle)) {
+                        *guard = None;
                     }
-                    Err(e) => log::debug!("Existing SSH connection failed ({e}); reconnecting."),
                 }
             }
         }
-        *guard = None;
-        let handle = self.connect().await?;
-        let result = run(&handle, command, stdin).await;
-        *guard = Some(handle);
-        result.map_err(|message| SshError::Session {
-            address: self.target.address(),
-            message,
-        })
+        let handle = {
+            let mut guard = self.connection.lock().await;
+            match guard.as_ref().filter(|h| !h.is_closed()) {
+                Some(h) => Arc::clone(h),
+                None => {
+                    let h = Arc::new(self.connect().await?);
+                    *guard = Some(Arc::clone(&h));
+                    h
+                }
+            }
+        };
+        run(&handle, command, stdin).await.map_err(session_error)
     }
 
     /// Drops the connection (e.g. when the VM is gone).

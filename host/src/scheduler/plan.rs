@@ -1,7 +1,8 @@
 //! One scheduling pass. See the module docs of `scheduler`.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use driver_abi::InstanceType;
 
@@ -346,7 +347,8 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
         .map(|(i, s)| (s.worker.id.clone(), i))
         .collect();
     for c in input.containers {
-        if let Some(seen) = input.runners.get(&c.id) {
+        // A finished runner no longer uses the VM, even before its result is collected.
+        if let Some(seen @ (RunnerSeen::Running { .. } | RunnerSeen::Starting { .. })) = input.runners.get(&c.id) {
             if let Some(&i) = slot_of.get(seen.worker()) {
                 slots[i]
                     .free
@@ -377,17 +379,20 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
         return actions;
     }
 
-    // Per type, the workers that may still take work (full ones are dropped as they are met),
-    // so a pass costs about containers × eligible types, not containers × workers.
-    let mut open: Vec<Vec<usize>> = vec![Vec::new(); input.types.len()];
+    // Per type, the workers that may still take work, kept in preference order: busiest first
+    // (pack, so others can go idle), then booted before booting, then by position. The first
+    // one that fits is the best, so a pass costs about containers × eligible types.
+    let key = |s: &Slot<'_>, i: usize| (Reverse(s.count), !booted(&s.worker.status), i);
+    let mut open: Vec<BTreeSet<(Reverse<usize>, bool, usize)>> = vec![BTreeSet::new(); input.types.len()];
     for (i, s) in slots.iter().enumerate() {
         if let Some(ti) = s.type_index {
             if s.worker.accepts_work && !s.full(input.max_per_instance) {
-                open[ti].push(i);
+                open[ti].insert(key(s, i));
             }
         }
     }
-    let mut eligible_cache: HashMap<(u32, u64, u64, u32, bool), Vec<usize>> = HashMap::new();
+    let mut eligible_lists: Vec<Vec<usize>> = Vec::new();
+    let mut eligible_index: HashMap<(u32, u64, u64, u32, bool), usize> = HashMap::new();
 
     let mut overquota: Vec<&Container> = Vec::new();
     let mut pending = 0usize;
@@ -405,21 +410,18 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
             continue;
         }
         let rc = &c.runtime_constraints;
-        let eligible = eligible_cache
-            .entry((
-                rc.vcpus,
-                rc.ram_bytes,
-                rc.scratch_bytes,
-                rc.gpus,
-                rc.preemptible,
-            ))
+        let list = *eligible_index
+            .entry((rc.vcpus, rc.ram_bytes, rc.scratch_bytes, rc.gpus, rc.preemptible))
             .or_insert_with(|| {
-                eligible_types(rc, input.types, input.maximum_price_factor)
-                    .into_iter()
-                    .filter_map(|t| by_name.get(t.name.as_str()).copied())
-                    .collect()
-            })
-            .clone();
+                eligible_lists.push(
+                    eligible_types(rc, input.types, input.maximum_price_factor)
+                        .into_iter()
+                        .filter_map(|t| by_name.get(t.name.as_str()).copied())
+                        .collect(),
+                );
+                eligible_lists.len() - 1
+            });
+        let eligible = &eligible_lists[list];
         if eligible.is_empty() {
             actions.push(Action::Cancel {
                 container: c.id.clone(),
@@ -438,31 +440,17 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
         // Cheapest type first; among equals prefer the busiest worker (pack, so others can go
         // idle), then one that has booted.
         let mut best: Option<usize> = None;
+        let mut best_key = None;
         let mut best_price = f64::INFINITY;
-        for &ti in &eligible {
+        for &ti in eligible {
             let price = input.types[ti].price;
             if best.is_some() && price > best_price {
                 break;
             }
-            open[ti].retain(|&i| !slots[i].full(input.max_per_instance));
-            for &i in &open[ti] {
-                let s = &slots[i];
-                if !s.free.covers(&need) {
-                    continue;
-                }
-                let better = match best {
-                    None => true,
-                    Some(b) => {
-                        let bs = &slots[b];
-                        price < best_price
-                            || s.count > bs.count
-                            || (s.count == bs.count
-                                && booted(&s.worker.status)
-                                && !booted(&bs.worker.status))
-                    }
-                };
-                if better {
-                    best = Some(i);
+            if let Some(k) = open[ti].iter().find(|k| slots[k.2].free.covers(&need)) {
+                if best_key.is_none_or(|b| *k < b) {
+                    best = Some(k.2);
+                    best_key = Some(*k);
                     best_price = price;
                 }
             }
@@ -490,8 +478,13 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
         }
         match best {
             Some(i) => {
+                let ti = slots[i].type_index.unwrap_or_default();
+                open[ti].remove(&key(&slots[i], i));
                 slots[i].free.take(&need);
                 slots[i].count += 1;
+                if !slots[i].full(input.max_per_instance) {
+                    open[ti].insert(key(&slots[i], i));
+                }
                 if booted(&slots[i].worker.status) {
                     actions.push(Action::Start {
                         container: c.id.clone(),
@@ -528,7 +521,10 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
                     type_index: ti,
                 });
                 if let Some(ti) = ti {
-                    open[ti].push(slots.len() - 1);
+                    let i = slots.len() - 1;
+                    if !slots[i].full(input.max_per_instance) {
+                        open[ti].insert(key(&slots[i], i));
+                    }
                 }
             }
         }
