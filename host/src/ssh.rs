@@ -174,6 +174,9 @@ impl Executor {
         let config = Arc::new(client::Config {
             inactivity_timeout: None,
             keepalive_interval: Some(Duration::from_secs(30)),
+            // Commands are small request/response exchanges: Nagle plus delayed ACKs would add
+            // ~40 ms to each.
+            nodelay: true,
             ..Default::default()
         });
         let connect_error = |message: String| SshError::Connect {

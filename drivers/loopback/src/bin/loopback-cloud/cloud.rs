@@ -501,6 +501,8 @@ async fn run_vm(cloud: Arc<Cloud>, record: VmRecord, key: PrivateKey, listener: 
             }
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
+                // Like a real sshd: small exchanges must not wait for delayed ACKs.
+                let _ = stream.set_nodelay(true);
                 let shell = VmShell::new(id.clone(), root.clone(), authorized.clone());
                 sessions.spawn(serve_session(Arc::clone(&config), stream, shell));
             }
