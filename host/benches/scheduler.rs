@@ -1,7 +1,6 @@
 //! One scheduler pass over 100,000 queued containers and 10,000 instances, in memory.
 //! Run with `cargo bench -p dispatch-cloud --bench scheduler`; prints min and median of 10 passes.
 
-use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use dispatch_cloud::queue::{Container, ContainerState, RuntimeConstraints};
@@ -53,7 +52,7 @@ fn scenario(at_quota: bool) -> Duration {
     })
     .collect();
     let mut containers = Vec::new();
-    let mut runners = HashMap::new();
+    let mut runners = rustc_hash::FxHashMap::default();
     let mut workers = Vec::new();
     for i in 0..10_000 {
         let id = format!("i-{i:06}");
@@ -78,7 +77,7 @@ fn scenario(at_quota: bool) -> Duration {
             },
         ));
     }
-    let at_capacity = HashSet::new();
+    let at_capacity = rustc_hash::FxHashSet::default();
     let input = PlanInput {
         containers: &containers,
         workers: &workers,

@@ -744,7 +744,7 @@ impl Dispatcher {
                 return;
             }
         };
-        let mut runners: HashMap<String, RunnerSeen> = HashMap::new();
+        let mut runners: rustc_hash::FxHashMap<String, RunnerSeen> = Default::default();
         for (wid, w) in &self.workers {
             for (cid, st) in &w.runners {
                 let seen = match st {
@@ -800,7 +800,7 @@ impl Dispatcher {
             });
         }
         slots.sort_by(|a, b| a.id.cmp(&b.id));
-        let at_capacity: HashSet<String> = self
+        let at_capacity: rustc_hash::FxHashSet<String> = self
             .types
             .iter()
             .filter(|t| self.cloud.at_capacity(t))

@@ -2,7 +2,9 @@
 
 use std::borrow::Cow;
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use driver_abi::InstanceType;
 
@@ -210,6 +212,60 @@ struct Slot<'a> {
     type_index: Option<usize>,
 }
 
+/// Preference among workers of one type: busiest first, then booted, then position.
+type SlotKey = (Reverse<usize>, bool, usize);
+
+/// The workers that may still take work, per type and per number of free vCPUs.
+struct OpenSlots {
+    by_type: Vec<Vec<BTreeSet<SlotKey>>>,
+}
+
+impl OpenSlots {
+    fn new(types: &[InstanceType]) -> Self {
+        OpenSlots {
+            by_type: types
+                .iter()
+                .map(|t| vec![BTreeSet::new(); t.vcpus as usize + 1])
+                .collect(),
+        }
+    }
+
+    fn key(s: &Slot<'_>, i: usize) -> SlotKey {
+        (Reverse(s.count), !booted(&s.worker.status), i)
+    }
+
+    fn bucket(&mut self, s: &Slot<'_>) -> Option<&mut BTreeSet<SlotKey>> {
+        let buckets = self.by_type.get_mut(s.type_index?)?;
+        let free = usize::try_from(s.free.vcpus.max(0))
+            .unwrap_or(0)
+            .min(buckets.len() - 1);
+        buckets.get_mut(free)
+    }
+
+    fn insert(&mut self, s: &Slot<'_>, i: usize) {
+        if let Some(b) = self.bucket(s) {
+            b.insert(Self::key(s, i));
+        }
+    }
+
+    fn remove(&mut self, s: &Slot<'_>, i: usize) {
+        if let Some(b) = self.bucket(s) {
+            b.remove(&Self::key(s, i));
+        }
+    }
+
+    /// The preferred worker of type `ti` with room for `need`.
+    fn best(&self, ti: usize, need: &Resources, slots: &[Slot<'_>]) -> Option<SlotKey> {
+        let buckets = self.by_type.get(ti)?;
+        let from = usize::try_from(need.vcpus.max(0)).unwrap_or(usize::MAX);
+        buckets
+            .iter()
+            .skip(from)
+            .filter_map(|b| b.iter().find(|k| slots[k.2].free.covers(need)).copied())
+            .min()
+    }
+}
+
 impl Slot<'_> {
     fn full(&self, max_per_instance: usize) -> bool {
         self.free.vcpus <= 0
@@ -348,7 +404,9 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
         .collect();
     for c in input.containers {
         // A finished runner no longer uses the VM, even before its result is collected.
-        if let Some(seen @ (RunnerSeen::Running { .. } | RunnerSeen::Starting { .. })) = input.runners.get(&c.id) {
+        if let Some(seen @ (RunnerSeen::Running { .. } | RunnerSeen::Starting { .. })) =
+            input.runners.get(&c.id)
+        {
             if let Some(&i) = slot_of.get(seen.worker()) {
                 slots[i]
                     .free
@@ -359,19 +417,25 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
     }
 
     // Order: Locked before Queued, then priority (high first), then submission order.
-    let mut order: Vec<&Container> = input
+    // Keys are extracted once: comparing through the (large) containers costs cache misses.
+    let mut keyed: Vec<((bool, Reverse<i64>, i64), &Container)> = input
         .containers
         .iter()
         .filter(|c| matches!(c.state, ContainerState::Queued | ContainerState::Locked))
         .filter(|c| !input.runners.contains_key(&c.id))
+        .map(|c| {
+            (
+                (
+                    c.state != ContainerState::Locked,
+                    Reverse(c.priority),
+                    c.seq,
+                ),
+                c,
+            )
+        })
         .collect();
-    order.sort_by(|a, b| {
-        let locked = |c: &Container| c.state != ContainerState::Locked;
-        locked(a)
-            .cmp(&locked(b))
-            .then(b.priority.cmp(&a.priority))
-            .then(a.seq.cmp(&b.seq))
-    });
+    keyed.sort_unstable_by_key(|(k, _)| *k);
+    let order = keyed.into_iter().map(|(_, c)| c);
 
     if !input.pool_recovered {
         // A locked container may be running on a worker not yet probed; starting it elsewhere
@@ -382,17 +446,15 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
     // Per type, the workers that may still take work, kept in preference order: busiest first
     // (pack, so others can go idle), then booted before booting, then by position. The first
     // one that fits is the best, so a pass costs about containers × eligible types.
-    let key = |s: &Slot<'_>, i: usize| (Reverse(s.count), !booted(&s.worker.status), i);
-    let mut open: Vec<BTreeSet<(Reverse<usize>, bool, usize)>> = vec![BTreeSet::new(); input.types.len()];
+    // Bucketed by free vCPUs, so a container skips every worker with too few at once.
+    let mut open = OpenSlots::new(input.types);
     for (i, s) in slots.iter().enumerate() {
-        if let Some(ti) = s.type_index {
-            if s.worker.accepts_work && !s.full(input.max_per_instance) {
-                open[ti].insert(key(s, i));
-            }
+        if s.worker.accepts_work && !s.full(input.max_per_instance) {
+            open.insert(s, i);
         }
     }
     let mut eligible_lists: Vec<Vec<usize>> = Vec::new();
-    let mut eligible_index: HashMap<(u32, u64, u64, u32, bool), usize> = HashMap::new();
+    let mut eligible_index: HashMap<(u32, u64, u64, u32, bool), usize> = HashMap::default();
 
     let mut overquota: Vec<&Container> = Vec::new();
     let mut pending = 0usize;
@@ -411,7 +473,13 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
         }
         let rc = &c.runtime_constraints;
         let list = *eligible_index
-            .entry((rc.vcpus, rc.ram_bytes, rc.scratch_bytes, rc.gpus, rc.preemptible))
+            .entry((
+                rc.vcpus,
+                rc.ram_bytes,
+                rc.scratch_bytes,
+                rc.gpus,
+                rc.preemptible,
+            ))
             .or_insert_with(|| {
                 eligible_lists.push(
                     eligible_types(rc, input.types, input.maximum_price_factor)
@@ -447,10 +515,10 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
             if best.is_some() && price > best_price {
                 break;
             }
-            if let Some(k) = open[ti].iter().find(|k| slots[k.2].free.covers(&need)) {
-                if best_key.is_none_or(|b| *k < b) {
+            if let Some(k) = open.best(ti, &need, &slots) {
+                if best_key.is_none_or(|b| k < b) {
                     best = Some(k.2);
-                    best_key = Some(*k);
+                    best_key = Some(k);
                     best_price = price;
                 }
             }
@@ -478,12 +546,11 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
         }
         match best {
             Some(i) => {
-                let ti = slots[i].type_index.unwrap_or_default();
-                open[ti].remove(&key(&slots[i], i));
+                open.remove(&slots[i], i);
                 slots[i].free.take(&need);
                 slots[i].count += 1;
                 if !slots[i].full(input.max_per_instance) {
-                    open[ti].insert(key(&slots[i], i));
+                    open.insert(&slots[i], i);
                 }
                 if booted(&slots[i].worker.status) {
                     actions.push(Action::Start {
@@ -520,11 +587,9 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
                     count: 1,
                     type_index: ti,
                 });
-                if let Some(ti) = ti {
-                    let i = slots.len() - 1;
-                    if !slots[i].full(input.max_per_instance) {
-                        open[ti].insert(key(&slots[i], i));
-                    }
+                let i = slots.len() - 1;
+                if !slots[i].full(input.max_per_instance) {
+                    open.insert(&slots[i], i);
                 }
             }
         }
