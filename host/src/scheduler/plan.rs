@@ -212,6 +212,9 @@ struct Slot<'a> {
     type_index: Option<usize>,
 }
 
+/// Queue order: Locked first (false < true), then priority high to low, then submission order.
+type OrderKey = (bool, Reverse<i64>, i64);
+
 /// Preference among workers of one type: busiest first, then booted, then position.
 type SlotKey = (Reverse<usize>, bool, usize);
 
@@ -418,7 +421,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
 
     // Order: Locked before Queued, then priority (high first), then submission order.
     // Keys are extracted once: comparing through the (large) containers costs cache misses.
-    let mut keyed: Vec<((bool, Reverse<i64>, i64), &Container)> = input
+    let mut keyed: Vec<(OrderKey, &Container)> = input
         .containers
         .iter()
         .filter(|c| matches!(c.state, ContainerState::Queued | ContainerState::Locked))
