@@ -316,8 +316,7 @@ fn the_batch_completes_exactly_once_under_cloud_faults() {
                   max_instances = 4\n\
                   create_rate_limit_ms = 150\n\
                   capacity_error_types = [\"lb.medium\"]\n\
-                  broken_after_ms = 1500\n\
-                  broken_rate = 0.3\n";
+                  broken_after_ms = 800\n";
     let h = ServeHarness::start(TYPES, faults);
     let runs = runs_file(&h);
     let mut ids = Vec::new();
