@@ -415,3 +415,85 @@ impl Drop for ServeHarness {
         }
     }
 }
+
+/// A `moto_server` (the EC2 emulator from PyPI) on a free port of 127.0.0.1, killed on drop.
+/// It comes from the virtual environment the README's test command creates in `.venv/`
+/// (or `$MOTO_SERVER`).
+pub struct MotoServer {
+    child: std::process::Child,
+    pub endpoint: String,
+}
+
+impl MotoServer {
+    pub fn start() -> Self {
+        let program = std::env::var("MOTO_SERVER")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| workspace_root().join(".venv/bin/moto_server"));
+        assert!(
+            program.exists(),
+            "{} is missing: run the README's test command, which installs moto into .venv/",
+            program.display()
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let child = Command::new(&program)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        let server = MotoServer {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}/"),
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "moto_server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        server
+    }
+
+    /// A client for calls the driver does not make (creating subnets, reading attributes).
+    pub fn client(&self) -> dispatch_cloud_aws::ec2::Ec2Client {
+        dispatch_cloud_aws::ec2::Ec2Client::new(
+            &self.endpoint,
+            "us-east-1",
+            aws_credential_types::Credentials::new("testing", "testing", None, None, "test"),
+            std::time::Duration::from_secs(30),
+        )
+        .expect("client")
+    }
+
+    /// Calls `action` and returns the response XML.
+    pub fn call(&self, action: &str, params: &[(&str, &str)]) -> String {
+        let params: Vec<(String, String)> = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.client()
+            .call(action, &params)
+            .unwrap_or_else(|e| panic!("{action}: {e}"))
+    }
+}
+
+impl Drop for MotoServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The text of the first `<tag>…</tag>` in `xml`.
+pub fn xml_value(xml: &str, tag: &str) -> Option<String> {
+    let open = format!("<{tag}>");
+    let start = xml.find(&open)? + open.len();
+    let end = xml[start..].find(&format!("</{tag}>"))? + start;
+    Some(xml[start..end].to_string())
+}

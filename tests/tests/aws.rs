@@ -1,0 +1,296 @@
+//! The AWS driver's real `.so` against moto (`moto_server`, the EC2 emulator from PyPI) on
+//! 127.0.0.1: the conformance kit without SSH, set isolation, pagination, subnet fail-over,
+//! key-pair reuse, spot request shape and user data — checked against what moto recorded.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use dispatch_cloud::plugin::{self, Catalogue, LoadedPlugin};
+use driver_abi::{CreateRequest, InstanceSet, InstanceType, Tags};
+use system_tests::*;
+
+fn aws_so() -> std::path::PathBuf {
+    built("libdispatch_cloud_aws.so")
+}
+
+/// A machine image moto knows.
+fn some_image(moto: &MotoServer) -> String {
+    xml_value(&moto.call("DescribeImages", &[]), "imageId").expect("moto lists images")
+}
+
+fn catalogue(dir: &std::path::Path, moto: &MotoServer, sets: &[(&str, &str, &str)]) -> Catalogue {
+    let mut text = format!(
+        "[[plugins]]\nname = \"aws\"\npath = {:?}\nsha256 = \"{}\"\n",
+        aws_so().display().to_string(),
+        sha256_hex(&aws_so())
+    );
+    for (name, set_id, extra) in sets {
+        text.push_str(&format!(
+            "\n[[instance_sets]]\nname = \"{name}\"\ndriver = \"aws\"\nset_id = \"{set_id}\"\n[instance_sets.parameters]\nregion = \"us-east-1\"\nendpoint = \"{}\"\naccess_key_id = \"testing\"\nsecret_access_key = \"testing\"\n{extra}\n",
+            moto.endpoint
+        ));
+    }
+    let file = write_plugins_toml(dir, &text);
+    Catalogue::load(&file).expect("catalogue")
+}
+
+fn open(loaded: &LoadedPlugin, c: &Catalogue, name: &str) -> Arc<dyn InstanceSet> {
+    Arc::from(
+        loaded
+            .new_instance_set(c.instance_set(name).expect("set"), &Tags::new())
+            .expect("instance set"),
+    )
+}
+
+fn request(image: &str, t: InstanceType, key: Option<String>) -> CreateRequest {
+    let mut tags = Tags::new();
+    tags.insert("purpose".into(), "test".into());
+    CreateRequest {
+        instance_type: t,
+        image_id: image.into(),
+        tags,
+        init_command: "echo hello from init".into(),
+        public_key: key,
+    }
+}
+
+fn public_key() -> String {
+    dispatch_cloud::ssh::generate_key()
+        .expect("key")
+        .public_key()
+        .to_openssh()
+        .expect("openssh")
+}
+
+#[test]
+fn the_real_so_passes_driver_test_against_moto() {
+    let moto = MotoServer::start();
+    let dir = tempfile::tempdir().expect("tmp");
+    let image = some_image(&moto);
+    catalogue(
+        dir.path(),
+        &moto,
+        &[("ec2", "zzzzz-zzzzz-awsconformance0", "")],
+    );
+    let file = dir.path().join("plugins.toml");
+    let out = cli(&[
+        "driver-test",
+        "--plugins",
+        file.to_str().expect("utf8"),
+        "--instance-set",
+        "ec2",
+        "--instance-type",
+        "t3.micro",
+        "--image",
+        &image,
+        "--skip-ssh",
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    for step in [
+        "PASS create an instance",
+        "PASS new instance appears in the filtered list",
+        "PASS tags round-trip",
+        "PASS set_tags is seen by the next listing",
+        "PASS destroy, and the instance disappears",
+    ] {
+        assert!(stdout.contains(step), "{step:?} missing:\n{stdout}");
+    }
+    assert!(
+        !stdout.contains("boot probe"),
+        "--skip-ssh still probed:\n{stdout}"
+    );
+}
+
+#[test]
+fn sets_are_isolated_listings_paginate_and_keys_are_reused() {
+    let moto = MotoServer::start();
+    let dir = tempfile::tempdir().expect("tmp");
+    let image = some_image(&moto);
+    let c = catalogue(
+        dir.path(),
+        &moto,
+        &[
+            ("a", "zzzzz-zzzzz-awsseta00000000", "page_size = 5"),
+            ("b", "zzzzz-zzzzz-awssetb00000000", ""),
+        ],
+    );
+    let loaded = plugin::load(c.plugin("aws").expect("entry")).expect("the .so loads");
+    assert_eq!(loaded.driver_name, "aws");
+    let a = open(&loaded, &c, "a");
+    let b = open(&loaded, &c, "b");
+    let key = public_key();
+    for _ in 0..12 {
+        a.create(&request(
+            &image,
+            InstanceType::minimal("t3.micro"),
+            Some(key.clone()),
+        ))
+        .expect("create in a");
+    }
+    b.create(&request(
+        &image,
+        InstanceType::minimal("t3.micro"),
+        Some(key.clone()),
+    ))
+    .expect("create in b");
+
+    // Moto pages DescribeInstances at MaxResults: 12 in pages of 5 needs the NextToken loop.
+    let first_page = moto.call(
+        "DescribeInstances",
+        &[
+            ("MaxResults", "5"),
+            ("Filter.1.Name", "tag:dispatch-cloud-instance-set"),
+            ("Filter.1.Value.1", "zzzzz-zzzzz-awsseta00000000"),
+        ],
+    );
+    assert!(
+        xml_value(&first_page, "nextToken").is_some(),
+        "moto did not paginate"
+    );
+    let listed_a = a.instances(&Tags::new()).expect("list a");
+    assert_eq!(listed_a.len(), 12);
+    let listed_b = b.instances(&Tags::new()).expect("list b");
+    assert_eq!(listed_b.len(), 1);
+    assert!(listed_b
+        .iter()
+        .all(|i| !listed_a.iter().any(|j| j.id() == i.id())));
+
+    // The key was imported once and found again by fingerprint for every later create.
+    let keys = moto.call("DescribeKeyPairs", &[]);
+    assert_eq!(
+        keys.matches("<keyName>dispatch-cloud-").count(),
+        1,
+        "{keys}"
+    );
+
+    for i in listed_a.iter().chain(listed_b.iter()) {
+        i.destroy().expect("destroy");
+    }
+    assert!(a.instances(&Tags::new()).expect("list").is_empty());
+    assert!(b.instances(&Tags::new()).expect("list").is_empty());
+}
+
+#[test]
+fn subnet_fail_over_spot_shape_and_user_data_reach_ec2() {
+    let moto = MotoServer::start();
+    let dir = tempfile::tempdir().expect("tmp");
+    let image = some_image(&moto);
+    let vpc = xml_value(
+        &moto.call("CreateVpc", &[("CidrBlock", "10.0.0.0/16")]),
+        "vpcId",
+    )
+    .expect("vpc");
+    let subnet = xml_value(
+        &moto.call(
+            "CreateSubnet",
+            &[("VpcId", vpc.as_str()), ("CidrBlock", "10.0.1.0/24")],
+        ),
+        "subnetId",
+    )
+    .expect("subnet");
+    let c = catalogue(
+        dir.path(),
+        &moto,
+        &[(
+            "s",
+            "zzzzz-zzzzz-awssubnets00000",
+            &format!("subnet_ids = [\"subnet-0000000000bogus0\", \"{subnet}\"]\nebs_volume_type = \"gp3\""),
+        )],
+    );
+    let loaded = plugin::load(c.plugin("aws").expect("entry")).expect("load");
+    let set = open(&loaded, &c, "s");
+    let spot = InstanceType {
+        preemptible: true,
+        price: 0.05,
+        added_scratch_bytes: 50 << 30,
+        ..InstanceType::minimal("m5.large")
+    };
+    let vm = set
+        .create(&request(&image, spot, None))
+        .expect("create fails over to the real subnet");
+    let described = moto.call("DescribeInstances", &[("InstanceId.1", vm.id().as_str())]);
+    assert_eq!(
+        xml_value(&described, "subnetId").as_deref(),
+        Some(subnet.as_str()),
+        "{described}"
+    );
+    assert_eq!(
+        xml_value(&described, "instanceLifecycle").as_deref(),
+        Some("spot"),
+        "{described}"
+    );
+    assert!(
+        described.contains("<deviceName>/dev/xvdt</deviceName>"),
+        "no scratch volume: {described}"
+    );
+    assert!(!vm.address().is_empty(), "private IP as address");
+    assert_eq!(
+        set.quota_group(&InstanceType {
+            preemptible: true,
+            ..InstanceType::minimal("m5.large")
+        }),
+        "standard-spot"
+    );
+
+    let attr = moto.call(
+        "DescribeInstanceAttribute",
+        &[("InstanceId", vm.id().as_str()), ("Attribute", "userData")],
+    );
+    let user_data = xml_value(&attr, "value").expect("user data");
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(user_data.trim())
+        .expect("base64");
+    assert_eq!(
+        String::from_utf8_lossy(&decoded),
+        "#!/bin/sh\necho hello from init\n"
+    );
+
+    // The working subnet is remembered: the next create goes straight there.
+    let second = set
+        .create(&request(&image, InstanceType::minimal("t3.micro"), None))
+        .expect("second create");
+    let described = moto.call(
+        "DescribeInstances",
+        &[("InstanceId.1", second.id().as_str())],
+    );
+    assert_eq!(
+        xml_value(&described, "subnetId").as_deref(),
+        Some(subnet.as_str())
+    );
+    vm.destroy().expect("destroy");
+    second.destroy().expect("destroy");
+}
+
+#[test]
+fn bad_credentials_and_parameters_are_named() {
+    let moto = MotoServer::start();
+    let dir = tempfile::tempdir().expect("tmp");
+    let c = catalogue(
+        dir.path(),
+        &moto,
+        &[("typo", "zzzzz-zzzzz-awstypo00000000", "regoin = \"x\"")],
+    );
+    // The same file with the secret key removed from the set.
+    let text = std::fs::read_to_string(dir.path().join("plugins.toml")).expect("read");
+    let half = write_plugins_toml(
+        dir.path(),
+        &text
+            .replace("secret_access_key = \"testing\"\n", "")
+            .replace("regoin = \"x\"\n", ""),
+    );
+    let c_half = Catalogue::load(&half).expect("catalogue");
+    let loaded = plugin::load(c.plugin("aws").expect("entry")).expect("load");
+    let err = loaded
+        .new_instance_set(c.instance_set("typo").expect("set"), &Tags::new())
+        .err()
+        .expect("typo refused");
+    assert_eq!(err.kind(), "invalid_config");
+    assert!(err.to_string().contains("regoin"), "{err}");
+    let err = loaded
+        .new_instance_set(c_half.instance_set("typo").expect("set"), &Tags::new())
+        .err()
+        .expect("half the credentials refused");
+    assert_eq!(err.kind(), "invalid_config");
+    assert!(err.to_string().contains("secret_access_key"), "{err}");
+}
