@@ -132,34 +132,8 @@ impl Default for LoopbackCloud {
 impl Drop for LoopbackCloud {
     fn drop(&mut self) {
         self.stop_daemon();
-        kill_processes_under(self.state_dir());
-    }
-}
-
-/// Kills every process whose `DISPATCH_CLOUD_VM_ROOT` lies under `dir`: what loopback VMs of a
-/// failed test left running (detached runners) must not outlive it.
-pub fn kill_processes_under(dir: &Path) {
-    let prefix = format!("DISPATCH_CLOUD_VM_ROOT={}", dir.display());
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        if environ
-            .split(|b| *b == 0)
-            .any(|v| v.starts_with(prefix.as_bytes()))
-        {
-            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
-        }
+        // What loopback VMs of a failed test left running (detached runners) must not outlive it.
+        dispatch_cloud_loopback::kill_vm_processes(self.state_dir(), true);
     }
 }
 

@@ -19,6 +19,41 @@ use serde::Deserialize;
 use crate::client::CloudClient;
 use crate::protocol::{ErrorKind, Faults, Request, Response, VmInfo, WireError};
 
+/// Kills every process whose `DISPATCH_CLOUD_VM_ROOT` is `root` (or, with `below`, anywhere
+/// under it): everything a VM started dies with it, as on a real machine. Processes are found by
+/// the variable every command of a loopback VM inherits.
+pub fn kill_vm_processes(root: &std::path::Path, below: bool) {
+    let marker = format!("{}={}", protocol::VM_ROOT_ENV, root.display());
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let matches = |var: &[u8]| {
+            if below {
+                var.starts_with(marker.as_bytes())
+            } else {
+                var == marker.as_bytes()
+            }
+        };
+        if environ.split(|b| *b == 0).any(matches) {
+            // SAFETY: kill(2) with a PID read from /proc; at worst the process is already gone.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
 /// The tag holding the set ID on every VM the dispatcher creates.
 const SET_ID_TAG: &str = "dispatch-cloud-instance-set";
 

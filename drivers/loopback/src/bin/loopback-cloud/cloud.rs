@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use dispatch_cloud_loopback::kill_vm_processes;
 use dispatch_cloud_loopback::protocol::{
     ErrorKind, Faults, Request, Response, VmInfo, VmState, WireError, VM_ROOT_ENV,
 };
@@ -395,7 +396,7 @@ impl Cloud {
         };
         vm.task.abort();
         let dir = self.vm_dir(id);
-        kill_vm_processes(&dir.join("root"));
+        kill_vm_processes(&dir.join("root"), false);
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             log::warn!("vm={id} destroyed, but its directory stays: {e}");
         }
@@ -407,36 +408,6 @@ impl Cloud {
     pub fn stop_all(&self) {
         for vm in self.lock().vms.values() {
             vm.task.abort();
-        }
-    }
-}
-
-/// Everything a VM started dies with it, as on a real machine: processes are found by the
-/// VM-root variable every command of the VM inherits.
-fn kill_vm_processes(root: &Path) {
-    let marker = format!("{VM_ROOT_ENV}={}", root.display());
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in procs.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
-        };
-        if environ
-            .split(|b| *b == 0)
-            .any(|var| var == marker.as_bytes())
-        {
-            // SAFETY: kill(2) with a PID read from /proc; at worst the process is already gone.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
         }
     }
 }
@@ -496,7 +467,7 @@ async fn run_vm(cloud: Arc<Cloud>, record: VmRecord, key: PrivateKey, listener: 
             _ = &mut crash => {
                 log::info!("vm={id} crashed");
                 cloud.update(&id, |r| r.crashed = true);
-                kill_vm_processes(&root);
+                kill_vm_processes(&root, false);
                 return;
             }
             accepted = listener.accept() => {
