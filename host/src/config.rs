@@ -324,6 +324,8 @@ impl ClusterConfig {
         // reports them all.
         let mut working = text.to_string();
         let mut config = None;
+        // Lines blanked so far (1-based), to tell a table's own errors from their echoes.
+        let mut blanked: Vec<usize> = Vec::new();
         for _ in 0..100 {
             match toml::from_str::<ClusterConfig>(&working) {
                 Ok(c) => {
@@ -341,22 +343,58 @@ impl ClusterConfig {
                         break;
                     };
                     let line = line_at(&working, span.start);
-                    let key = key_at(&working, line);
-                    problems.push(Problem {
-                        file: file.to_path_buf(),
-                        line,
-                        key,
-                        message: e.message().to_string(),
-                    });
                     let mut lines: Vec<String> = working.lines().map(String::from).collect();
-                    let Some(bad) = lines.get_mut(line.saturating_sub(1)) else {
+                    let Some(bad) = lines.get(line.saturating_sub(1)).cloned() else {
+                        problems.push(Problem {
+                            file: file.to_path_buf(),
+                            line,
+                            key: String::new(),
+                            message: e.message().to_string(),
+                        });
                         break;
                     };
                     if bad.trim().is_empty() || bad.trim_start().starts_with('#') {
                         // Nothing left to remove: the problem is structural.
+                        problems.push(Problem {
+                            file: file.to_path_buf(),
+                            line,
+                            key: key_at(&working, line),
+                            message: e.message().to_string(),
+                        });
                         break;
                     }
-                    *bad = String::new();
+                    if bad.trim_start().starts_with('[') {
+                        // An error about a whole table (e.g. a missing field): drop the table.
+                        // If we blanked one of its lines ourselves, the error is only the echo
+                        // of a problem already reported.
+                        let end = (line..lines.len())
+                            .find(|&i| lines[i].trim_start().starts_with('['))
+                            .unwrap_or(lines.len());
+                        let echo = blanked.iter().any(|b| *b > line && *b <= end);
+                        if !echo {
+                            problems.push(Problem {
+                                file: file.to_path_buf(),
+                                line,
+                                key: bad
+                                    .trim()
+                                    .trim_matches(|c| c == '[' || c == ']')
+                                    .to_string(),
+                                message: e.message().to_string(),
+                            });
+                        }
+                        for l in &mut lines[line - 1..end] {
+                            l.clear();
+                        }
+                    } else {
+                        problems.push(Problem {
+                            file: file.to_path_buf(),
+                            line,
+                            key: key_at(&working, line),
+                            message: e.message().to_string(),
+                        });
+                        lines[line - 1].clear();
+                        blanked.push(line);
+                    }
                     working = lines.join("\n");
                 }
             }
@@ -519,6 +557,22 @@ mod tests {
         }
         // Semantic checks only run once the file parses; the syntax-level ones above came first.
         assert!(err.problems.len() >= 3, "{shown}");
+    }
+
+    #[test]
+    fn a_table_missing_a_field_is_reported_once_and_later_tables_still_checked() {
+        let text = "[[instance_types]]\nname = \"a\"\nvcpus = 1\nprice = 1.0\n[limits]\nmax_instances = \"many\"\n";
+        let err = ClusterConfig::parse(Path::new("c.toml"), text).expect_err("bad");
+        let shown: Vec<String> = err.problems.iter().map(|p| p.to_string()).collect();
+        assert_eq!(shown.len(), 2, "{shown:#?}");
+        assert!(
+            shown[0].starts_with("c.toml:1: instance_types: missing field `ram`"),
+            "{shown:#?}"
+        );
+        assert!(
+            shown[1].starts_with("c.toml:6: limits.max_instances:"),
+            "{shown:#?}"
+        );
     }
 
     #[test]

@@ -397,3 +397,37 @@ fn cli_submit_wait_exits_with_the_containers_exit_code() {
         .expect("json")
         .is_array());
 }
+
+#[test]
+fn check_config_lists_every_problem_and_serve_refuses_the_file() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("cluster.toml");
+    std::fs::write(
+        &file,
+        "cluster_id = \"ZZ\"\nbogus = 1\n[timeouts]\nidle_seconds = \"soon\"\n[[instance_types]]\nname = \"a\"\nvcpus = 1\nram = \"1 parsec\"\nprice = 1.0\n",
+    )
+    .expect("write");
+    let file = file.display().to_string();
+    let out = cli(&["check-config", "--config", &file]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    for needle in [
+        format!("{file}:2: bogus: unknown field `bogus`"),
+        format!("{file}:4: timeouts.idle_seconds:"),
+        format!("{file}:8: instance_types.ram:"),
+        format!("{file}:1: cluster_id:"),
+        "4 problem(s)".to_string(),
+    ] {
+        assert!(
+            stderr.contains(&needle),
+            "{needle:?} missing from:\n{stderr}"
+        );
+    }
+    let serve = cli(&["serve", "--config", &file]);
+    assert!(!serve.status.success());
+    assert!(
+        text(&serve.stderr).contains("bogus"),
+        "{}",
+        text(&serve.stderr)
+    );
+}
