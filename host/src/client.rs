@@ -18,8 +18,12 @@ impl Client {
         Client {
             base: url.trim_end_matches('/').to_string(),
             token: token.to_string(),
+            // No idle-connection pool: a connection the server closed between two commands
+            // would fail the next (non-retried) POST with an unexpected EOF. A fresh
+            // connection per call costs little next to a CLI's process start.
             agent: ureq::AgentBuilder::new()
                 .timeout(std::time::Duration::from_secs(30))
+                .max_idle_connections(0)
                 .build(),
         }
     }
