@@ -83,11 +83,7 @@ impl Client {
     }
 
     pub fn cancel(&self, id: &str) -> anyhow::Result<Container> {
-        self.json(
-            "POST",
-            &format!("/containers/{id}/cancel"),
-            Some(serde_json::json!({})),
-        )
+        self.json("POST", &format!("/containers/{id}/cancel"), None)
     }
 
     pub fn set_priority(&self, id: &str, priority: i64) -> anyhow::Result<Container> {
