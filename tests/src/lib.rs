@@ -408,30 +408,44 @@ impl MotoServer {
             "{} is missing: run the README's test command, which installs moto into .venv/",
             program.display()
         );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let child = Command::new(&program)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start moto_server");
-        let server = MotoServer {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}/"),
-        };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "moto_server did not start"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
+        // Tests run in parallel: a port picked free may be taken by another test's moto
+        // before ours binds it. Ours then exits at once; try another port.
+        for _ in 0..10 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port();
+            let mut child = Command::new(&program)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("start moto_server");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            let mut up = false;
+            while std::time::Instant::now() < deadline {
+                if child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    // Still ours a moment later, not another test's server on the same port.
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    up = child.try_wait().ok().flatten().is_none();
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            if up {
+                return MotoServer {
+                    child,
+                    endpoint: format!("http://127.0.0.1:{port}/"),
+                };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        server
+        panic!("moto_server did not start");
     }
 
     /// Calls `action` (for what the driver does not do: subnets, attributes) and returns the
