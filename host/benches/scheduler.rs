@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use dispatch_cloud::queue::{Container, ContainerState, RuntimeConstraints};
-use dispatch_cloud::scheduler::{plan, PlanInput, RunnerSeen, WorkerSlot, WorkerStatus};
+use dispatch_cloud::scheduler::{plan, PlanInput, RunnerSeen, SlotId, WorkerSlot, WorkerStatus};
 use driver_abi::InstanceType;
 
 const GIB: u64 = 1 << 30;
@@ -60,7 +60,7 @@ fn scenario(at_quota: bool) -> Duration {
         runners.insert(c.id.clone(), RunnerSeen::Running { worker: id.clone() });
         containers.push(c);
         workers.push(WorkerSlot {
-            id,
+            id: SlotId::Instance(id),
             type_name: Some(types[i % 4].name.clone()),
             status: WorkerStatus::Running,
             accepts_work: true,
@@ -85,9 +85,9 @@ fn scenario(at_quota: bool) -> Duration {
         types: &types,
         maximum_price_factor: 1.5,
         max_per_instance: 0,
-        at_quota,
+        quota_headroom: if at_quota { 0 } else { usize::MAX },
         at_capacity: &at_capacity,
-        create_held: false,
+        creates_allowed: usize::MAX,
         pool_recovered: true,
     };
     let mut times = Vec::new();

@@ -155,6 +155,6 @@ async fn logs(
     })
 }
 
-async fn instances(State(state): State<ApiState>) -> Json<Vec<crate::dispatcher::InstanceView>> {
+async fn instances(State(state): State<ApiState>) -> Json<Vec<crate::pool::InstanceView>> {
     Json(state.dispatcher.instances())
 }

@@ -4,7 +4,7 @@ use std::io::Read;
 
 use anyhow::{anyhow, Context};
 
-use crate::dispatcher::InstanceView;
+use crate::pool::InstanceView;
 use crate::queue::{Container, NewContainer};
 
 pub struct Client {

@@ -4,20 +4,15 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use driver_abi::{
     CapacityScope, CreateRequest, DriverError, Instance, InstanceSet, InstanceType, Tags,
 };
+use tokio::time::Instant;
 
-/// Why a create was not attempted or did not succeed.
-#[derive(Debug, thiserror::Error)]
-pub enum CreateError {
-    #[error("create held off: {0}")]
-    HeldOff(&'static str),
-    #[error(transparent)]
-    Driver(#[from] DriverError),
-}
+pub use crate::pool::CreateError;
+use crate::pool::{BoxFuture, Cloud, Listed};
 
 #[derive(Clone, Debug)]
 pub struct Policy {
@@ -49,6 +44,9 @@ struct State {
 pub struct CloudOps {
     set: Arc<dyn InstanceSet>,
     policy: Policy,
+    /// Quota group per provider type, asked of the driver once at start (a driver call must
+    /// not run on the event loop).
+    quota_groups: HashMap<String, String>,
     /// std mutex: held only to read or update the bookkeeping, never across a driver call.
     state: Mutex<State>,
 }
@@ -69,10 +67,16 @@ fn type_key(t: &InstanceType) -> String {
 }
 
 impl CloudOps {
-    pub fn new(set: Arc<dyn InstanceSet>, policy: Policy) -> Self {
+    /// Blocking: asks the driver for the quota group of each of `types`.
+    pub fn new(set: Arc<dyn InstanceSet>, policy: Policy, types: &[InstanceType]) -> Self {
+        let quota_groups = types
+            .iter()
+            .map(|t| (type_key(t), set.quota_group(t)))
+            .collect();
         CloudOps {
             set,
             policy,
+            quota_groups,
             state: Mutex::new(State::default()),
         }
     }
@@ -93,7 +97,7 @@ impl CloudOps {
             st.next_op_at = Some(slot + interval);
             slot
         };
-        tokio::time::sleep_until(slot.into()).await;
+        tokio::time::sleep_until(slot).await;
     }
 
     async fn blocking<T: Send + 'static>(
@@ -106,17 +110,20 @@ impl CloudOps {
             .map_err(|e| DriverError::other(format!("driver call did not finish: {e}")))?
     }
 
-    /// True when no instance may be added: `max_instances` reached or a quota error in force.
-    pub fn at_quota(&self, instances_incl_pending: usize) -> bool {
-        if self.policy.max_instances > 0 && instances_incl_pending >= self.policy.max_instances {
-            return true;
+    /// How many instances may still be added to `instances_incl_pending`.
+    pub fn quota_headroom(&self, instances_incl_pending: usize) -> usize {
+        let mut headroom = usize::MAX;
+        if self.policy.max_instances > 0 {
+            headroom = self.policy.max_instances.saturating_sub(instances_incl_pending);
         }
         let st = self.state();
         if st.quota_until.is_some_and(|t| Instant::now() < t) {
-            return true;
+            return 0;
         }
-        st.quota_instances
-            .is_some_and(|n| instances_incl_pending >= n)
+        if let Some(n) = st.quota_instances {
+            headroom = headroom.min(n.saturating_sub(instances_incl_pending));
+        }
+        headroom
     }
 
     /// Forget a quota learned from errors once the instance count dropped below it.
@@ -130,17 +137,22 @@ impl CloudOps {
     pub fn at_capacity(&self, t: &InstanceType) -> bool {
         let now = Instant::now();
         let st = self.state();
-        let group = self.set.quota_group(t);
+        let group = self.quota_groups.get(&type_key(t)).cloned().unwrap_or_default();
         [type_key(t), format!("group:{group}"), String::new()]
             .iter()
             .any(|k| st.capacity_until.get(k).is_some_and(|until| now < *until))
     }
 
-    pub fn create_held(&self) -> bool {
+    /// Creates that may start now: none while rate limited, else what the cap leaves.
+    pub fn creates_allowed(&self) -> usize {
         let st = self.state();
-        st.create_held_until.is_some_and(|t| Instant::now() < t)
-            || (self.policy.max_concurrent_creates > 0
-                && st.creates_in_flight >= self.policy.max_concurrent_creates)
+        if st.create_held_until.is_some_and(|t| Instant::now() < t) {
+            return 0;
+        }
+        match self.policy.max_concurrent_creates {
+            0 => usize::MAX,
+            cap => cap.saturating_sub(st.creates_in_flight),
+        }
     }
 
     /// The earliest moment a hold-off ends, so the scheduler can wake then.
@@ -159,7 +171,7 @@ impl CloudOps {
         &self,
         mut request: CreateRequest,
         instances_incl_pending: usize,
-    ) -> Result<Box<dyn Instance>, CreateError> {
+    ) -> Result<Listed, CreateError> {
         {
             let mut st = self.state();
             let now = Instant::now();
@@ -179,7 +191,9 @@ impl CloudOps {
         request.tags = tags;
         self.pace().await;
         let instance_type = request.instance_type.clone();
-        let result = self.blocking(move |set| set.create(&request)).await;
+        let result = self
+            .blocking(move |set| set.create(&request).map(|i| Listed::read(Arc::from(i))))
+            .await;
         let mut st = self.state();
         st.creates_in_flight = st.creates_in_flight.saturating_sub(1);
         match result {
@@ -217,7 +231,7 @@ impl CloudOps {
     }
 
     /// The set's instances carrying every default tag; `Ok(None)` while listing is held off.
-    pub async fn instances(&self) -> Result<Option<Vec<Arc<dyn Instance>>>, DriverError> {
+    pub async fn instances(&self) -> Result<Option<Vec<Listed>>, DriverError> {
         if self
             .state()
             .list_held_until
@@ -227,20 +241,17 @@ impl CloudOps {
         }
         self.pace().await;
         let filter = self.policy.default_tags.clone();
-        match self.blocking(move |set| set.instances(&filter)).await {
-            Ok(list) => {
-                let wanted = &self.policy.default_tags;
-                // Drivers may ignore the filter; the host does not rely on them.
-                Ok(Some(
-                    list.into_iter()
-                        .filter(|i| {
-                            let tags = i.tags();
-                            wanted.iter().all(|(k, v)| tags.get(k) == Some(v))
-                        })
-                        .map(Arc::from)
-                        .collect(),
-                ))
-            }
+        let listing = self.blocking(move |set| {
+            // Drivers may ignore the filter; the host does not rely on them.
+            Ok(set
+                .instances(&filter)?
+                .into_iter()
+                .map(|i| Listed::read(Arc::from(i)))
+                .filter(|l| filter.iter().all(|(k, v)| l.tags.get(k) == Some(v)))
+                .collect())
+        });
+        match listing.await {
+            Ok(list) => Ok(Some(list)),
             Err(DriverError::RateLimit {
                 earliest_retry,
                 message,
@@ -269,11 +280,57 @@ impl CloudOps {
         self.blocking(move |_| instance.set_tags(&tags)).await
     }
 
-    pub fn quota_group(&self, t: &InstanceType) -> String {
-        self.set.quota_group(t)
-    }
-
     pub fn stop(&self) {
         self.set.stop()
+    }
+}
+
+impl Cloud for CloudOps {
+    fn instances(&self) -> BoxFuture<'_, Result<Option<Vec<Listed>>, DriverError>> {
+        Box::pin(CloudOps::instances(self))
+    }
+
+    fn create(
+        &self,
+        request: CreateRequest,
+        instances: usize,
+    ) -> BoxFuture<'_, Result<Listed, CreateError>> {
+        Box::pin(CloudOps::create(self, request, instances))
+    }
+
+    fn destroy(&self, instance: Arc<dyn Instance>) -> BoxFuture<'_, Result<(), DriverError>> {
+        Box::pin(CloudOps::destroy(self, instance))
+    }
+
+    fn set_tags(
+        &self,
+        instance: Arc<dyn Instance>,
+        tags: Tags,
+    ) -> BoxFuture<'_, Result<(), DriverError>> {
+        Box::pin(CloudOps::set_tags(self, instance, tags))
+    }
+
+    fn quota_headroom(&self, instances: usize) -> usize {
+        CloudOps::quota_headroom(self, instances)
+    }
+
+    fn creates_allowed(&self) -> usize {
+        CloudOps::creates_allowed(self)
+    }
+
+    fn at_capacity(&self, t: &InstanceType) -> bool {
+        CloudOps::at_capacity(self, t)
+    }
+
+    fn observe_instance_count(&self, instances: usize) {
+        CloudOps::observe_instance_count(self, instances)
+    }
+
+    fn next_holdoff_end(&self) -> Option<Instant> {
+        CloudOps::next_holdoff_end(self)
+    }
+
+    fn stop(&self) {
+        CloudOps::stop(self)
     }
 }

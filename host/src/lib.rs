@@ -15,3 +15,4 @@ pub mod runner;
 pub mod scheduler;
 pub mod serve;
 pub mod ssh;
+pub(crate) mod toml_lines;

@@ -181,8 +181,16 @@ fn main() -> ExitCode {
             }
         };
     }
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
+    // `serve` is a daemon whose log is its story: state changes at info. Client commands print
+    // their results; their log shows only what went wrong.
+    let default_level = if matches!(cli.command, Command::Serve { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
+        .init();
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -198,10 +206,13 @@ fn load_config(file: Option<&Path>) -> anyhow::Result<ClusterConfig> {
 
 fn client(server: &ServerArgs) -> anyhow::Result<Client> {
     let config = load_config(server.config.as_deref())?;
-    let url = server
-        .url
-        .clone()
-        .unwrap_or_else(|| format!("http://{}", config.listen));
+    let url = server.url.clone().unwrap_or_else(|| {
+        // A running `serve` writes where it really listens (the config may say port 0).
+        let address = std::fs::read_to_string(dispatch_cloud::serve::address_path(&config))
+            .map(|a| a.trim().to_string())
+            .unwrap_or_else(|_| config.listen.clone());
+        format!("http://{address}")
+    });
     let token = match &server.token {
         Some(t) => t.clone(),
         None => match config.tokens.first() {
@@ -363,18 +374,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 println!(
-                    "{:<12} {:<8} {:<9} {:<6} {:<16} CONTAINERS",
-                    "ID", "TYPE", "STATE", "IDLE", "ADDRESS"
+                    "{:<12} {:<8} {:<9} {:<6} {:<16} {:<24} REASON",
+                    "ID", "TYPE", "STATE", "IDLE", "ADDRESS", "CONTAINERS"
                 );
                 for i in list {
                     println!(
-                        "{:<12} {:<8} {:<9} {:<6} {:<16} {}",
+                        "{:<12} {:<8} {:<9} {:<6} {:<16} {:<24} {}",
                         if i.id.is_empty() { "(creating)" } else { &i.id },
                         i.instance_type.unwrap_or_default(),
-                        i.state,
-                        i.idle_behavior,
+                        i.state.as_str(),
+                        i.idle_behavior.as_str(),
                         i.address,
-                        i.containers.join(",")
+                        i.containers.join(","),
+                        i.reason.unwrap_or_default()
                     );
                 }
             }
@@ -427,8 +439,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn serve(config: ClusterConfig, plugins: &Path) -> anyhow::Result<ExitCode> {
-    // Logs at info by default for the long-running service.
-    log::set_max_level(log::LevelFilter::Info.max(log::max_level()));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -10,11 +10,12 @@ use russh::keys::PrivateKey;
 
 use crate::api::{self, ApiState};
 use crate::cloudops::{CloudOps, Policy};
-use crate::config::{seconds, ClusterConfig};
+use crate::config::ClusterConfig;
 use crate::dispatcher::Dispatcher;
 use crate::plugin::{self, Catalogue};
 use crate::pool::probe::RunnerBinary;
 use crate::queue::SqliteQueue;
+use crate::ssh::SshFactory;
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut f = std::fs::OpenOptions::new()
@@ -23,6 +24,11 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .mode(0o600)
         .open(path)?;
     f.write_all(bytes)
+}
+
+/// Where a running `serve` writes the address it listens on.
+pub fn address_path(config: &ClusterConfig) -> std::path::PathBuf {
+    config.state_dir.join("api-address")
 }
 
 /// The dispatcher's SSH key, generated (0600) on first start.
@@ -90,7 +96,20 @@ pub async fn serve(
             )
         })?
         .clone();
-    let set = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+    let limits = &config.limits;
+    let policy = Policy {
+        max_instances: limits.max_instances,
+        ops_interval: (limits.max_cloud_ops_per_second > 0.0)
+            .then(|| std::time::Duration::from_secs_f64(1.0 / limits.max_cloud_ops_per_second)),
+        max_concurrent_creates: limits.max_concurrent_instance_create_ops,
+        quota_holdoff: config.timeouts.quota_holdoff,
+        capacity_holdoff: config.timeouts.capacity_holdoff,
+        create_cap_holdoff: std::time::Duration::from_secs(5).min(config.timeouts.probe_interval),
+        default_tags: config.resource_tags.clone(),
+    };
+    let types = config.instance_types();
+    // Loading a plugin and asking its quota groups are driver calls: off the event loop.
+    let cloud = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let loaded = plugin::load(&plugin_entry)?;
         let set = loaded
             .new_instance_set(&entry, &Default::default())
@@ -100,30 +119,26 @@ pub async fn serve(
                     entry.name, loaded.driver_name
                 )
             })?;
-        Ok(set)
+        Ok(CloudOps::new(Arc::from(set), policy, &types))
     })
     .await??;
-
-    let limits = &config.limits;
-    let cloud = Arc::new(CloudOps::new(
-        Arc::from(set),
-        Policy {
-            max_instances: limits.max_instances,
-            ops_interval: (limits.max_cloud_ops_per_second > 0.0)
-                .then(|| std::time::Duration::from_secs_f64(1.0 / limits.max_cloud_ops_per_second)),
-            max_concurrent_creates: limits.max_concurrent_instance_create_ops,
-            quota_holdoff: seconds(config.timeouts.quota_holdoff_seconds),
-            capacity_holdoff: seconds(config.timeouts.capacity_holdoff_seconds),
-            create_cap_holdoff: std::time::Duration::from_secs(5)
-                .min(seconds(config.timeouts.probe_interval_seconds)),
-            default_tags: config.resource_tags.clone(),
-        },
-    ));
     let binary = match &config.runner_path {
         Some(path) => RunnerBinary::installed(path),
         None => RunnerBinary::current().context("reading this executable to deploy it to VMs")?,
     };
-    let dispatcher = Dispatcher::new(config.clone(), queue.clone(), cloud, key, binary)?;
+    let factory = Arc::new(SshFactory {
+        key: Arc::clone(&key),
+        dial_timeout: config.timeouts.ssh_dial,
+    });
+    let public_key = key.public_key().to_openssh().ok();
+    let dispatcher = Dispatcher::new(
+        &config,
+        queue.clone(),
+        Arc::new(cloud),
+        factory,
+        binary,
+        public_key,
+    )?;
     let handle = dispatcher.handle();
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -136,7 +151,13 @@ pub async fn serve(
         dispatcher: handle,
         tokens: Arc::new(tokens),
     });
-    log::info!("Serving the API on {}.", listener.local_addr()?);
+    let address = listener.local_addr()?;
+    // Clients of this state dir find the server here, also when the config says port 0.
+    let address_file = address_path(&config);
+    let _ = std::fs::remove_file(&address_file);
+    write_private(&address_file, address.to_string().as_bytes())
+        .with_context(|| format!("writing {}", address_file.display()))?;
+    log::info!("Serving the API on {address}.");
     let mut api_stop = stop_rx;
     tokio::spawn(async move {
         shutdown.await;
@@ -148,5 +169,6 @@ pub async fn serve(
         })
         .await?;
     dispatcher_task.await?;
+    let _ = std::fs::remove_file(&address_file);
     Ok(())
 }

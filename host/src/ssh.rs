@@ -13,6 +13,7 @@ use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 use russh::ChannelMsg;
 
 use crate::instance_secret;
+use crate::pool::{BoxFuture, Endpoint, Exec, ExecFactory, Listed};
 
 /// What the executor needs to know about the VM it talks to. Implemented over a driver
 /// instance (`DriverTarget`) and by test targets.
@@ -91,9 +92,10 @@ pub struct Executor {
     target: Arc<dyn Target>,
     key: Arc<PrivateKey>,
     dial_timeout: Duration,
-    /// tokio mutex: held across the dial so concurrent reconnects coalesce into one, and only
-    /// then; commands share the handle.
-    connection: tokio::sync::Mutex<Option<Arc<Handle<KeyCapture>>>>,
+    /// The connection and the address it was dialled to: when the target's address changes,
+    /// the next command dials the new one. tokio mutex: held across the dial so concurrent
+    /// reconnects coalesce into one, and only then; commands share the handle.
+    connection: tokio::sync::Mutex<Option<(String, Arc<Handle<KeyCapture>>)>>,
     /// The key that passed verification; a different key later is verified afresh.
     verified_key: Mutex<Option<String>>,
 }
@@ -121,8 +123,14 @@ impl Executor {
             address: self.target.address(),
             message,
         };
-        let current = self.connection.lock().await.clone();
-        if let Some(handle) = current.filter(|h| !h.is_closed()) {
+        let address = self.target.address();
+        let usable = |c: &Option<(String, Arc<Handle<KeyCapture>>)>| {
+            c.as_ref()
+                .filter(|(a, h)| *a == address && !h.is_closed())
+                .map(|(_, h)| Arc::clone(h))
+        };
+        let current = usable(&*self.connection.lock().await);
+        if let Some(handle) = current {
             // Only a failure to open the channel is retried: after that, the command may
             // have run, and running it twice is worse than reporting the error.
             match handle.channel_open_session().await {
@@ -131,7 +139,7 @@ impl Executor {
                     log::debug!("Existing SSH connection failed ({e}); reconnecting.");
                     let mut guard = self.connection.lock().await;
                     // Another command may have reconnected meanwhile; drop only the dead one.
-                    if guard.as_ref().is_some_and(|g| Arc::ptr_eq(g, &handle)) {
+                    if guard.as_ref().is_some_and(|(_, g)| Arc::ptr_eq(g, &handle)) {
                         *guard = None;
                     }
                 }
@@ -139,11 +147,19 @@ impl Executor {
         }
         let handle = {
             let mut guard = self.connection.lock().await;
-            match guard.as_ref().filter(|h| !h.is_closed()) {
-                Some(h) => Arc::clone(h),
+            match usable(&*guard) {
+                Some(h) => h,
                 None => {
+                    if let Some((old, stale)) = guard.take() {
+                        if old != address {
+                            log::debug!("Address changed from {old} to {address}; redialling.");
+                        }
+                        let _ = stale
+                            .disconnect(russh::Disconnect::ByApplication, "", "en")
+                            .await;
+                    }
                     let h = Arc::new(self.connect().await?);
-                    *guard = Some(Arc::clone(&h));
+                    *guard = Some((address.clone(), Arc::clone(&h)));
                     h
                 }
             }
@@ -153,7 +169,7 @@ impl Executor {
 
     /// Drops the connection (e.g. when the VM is gone).
     pub async fn close(&self) {
-        if let Some(handle) = self.connection.lock().await.take() {
+        if let Some((_, handle)) = self.connection.lock().await.take() {
             let _ = handle
                 .disconnect(russh::Disconnect::ByApplication, "", "en")
                 .await;
@@ -333,6 +349,89 @@ impl Target for DriverTarget {
 
     fn instance_secret(&self) -> Option<String> {
         self.instance.tags().get(instance_secret::TAG).cloned()
+    }
+}
+
+/// The target of a pool worker: what the latest listing said, and the driver instance for
+/// host-key checks. `retarget` moves it; the executor then dials the new address.
+pub struct ListedTarget {
+    instance: Arc<dyn driver_abi::Instance>,
+    /// std mutex: read and replaced whole, never held across an await.
+    endpoint: Mutex<Endpoint>,
+}
+
+impl ListedTarget {
+    fn endpoint(&self) -> Endpoint {
+        self.endpoint
+            .lock()
+            .map(|e| e.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl Target for ListedTarget {
+    fn address(&self) -> String {
+        self.endpoint().address
+    }
+
+    fn remote_user(&self) -> String {
+        self.endpoint().user
+    }
+
+    fn verify_host_key(&self, host_key: &str) -> Result<(), DriverError> {
+        self.instance.verify_host_key(host_key)
+    }
+
+    fn instance_secret(&self) -> Option<String> {
+        self.endpoint().secret
+    }
+}
+
+/// The pool's executor over SSH.
+pub struct SshExec {
+    target: Arc<ListedTarget>,
+    executor: Executor,
+}
+
+impl Exec for SshExec {
+    fn run<'a>(
+        &'a self,
+        command: &'a str,
+        stdin: &'a [u8],
+    ) -> BoxFuture<'a, Result<CommandOutput, SshError>> {
+        Box::pin(self.executor.execute(command, stdin))
+    }
+
+    fn retarget(&self, endpoint: &Endpoint) {
+        if let Ok(mut e) = self.target.endpoint.lock() {
+            *e = endpoint.clone();
+        }
+        // A new secret or user must be proved again.
+        if let Ok(mut k) = self.executor.verified_key.lock() {
+            *k = None;
+        }
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.executor.close())
+    }
+}
+
+/// Makes an `SshExec` per worker with the dispatcher's key.
+pub struct SshFactory {
+    pub key: Arc<PrivateKey>,
+    pub dial_timeout: Duration,
+}
+
+impl ExecFactory for SshFactory {
+    fn executor(&self, listed: &Listed) -> Arc<dyn Exec> {
+        let target = Arc::new(ListedTarget {
+            instance: Arc::clone(&listed.instance),
+            endpoint: Mutex::new(listed.endpoint()),
+        });
+        let executor = Executor::new(target.clone(), Arc::clone(&self.key))
+            .with_dial_timeout(self.dial_timeout);
+        Arc::new(SshExec { target, executor })
     }
 }
 

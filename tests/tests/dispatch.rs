@@ -414,7 +414,7 @@ fn check_config_lists_every_problem_and_serve_refuses_the_file() {
     for needle in [
         format!("{file}:2: bogus: unknown field `bogus`"),
         format!("{file}:4: timeouts.idle_seconds:"),
-        format!("{file}:8: instance_types.ram:"),
+        format!("{file}:8: instance_types[0].ram:"),
         format!("{file}:1: cluster_id:"),
         "4 problem(s)".to_string(),
     ] {

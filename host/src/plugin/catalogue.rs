@@ -22,6 +22,8 @@ use driver_abi::InstanceSetId;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::toml_lines::line_of;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogueError {
     #[error("{file}: cannot read: {source}")]
@@ -94,10 +96,6 @@ pub struct Catalogue {
     pub file: PathBuf,
     pub plugins: Vec<PluginEntry>,
     pub instance_sets: Vec<InstanceSetEntry>,
-}
-
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
 /// File names tried, in order, for a plugin found by `directory`.

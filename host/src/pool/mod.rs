@@ -1,10 +1,25 @@
-//! The worker pool: one state machine per VM (`state`), probes and runner deployment
-//! (`probe`). The dispatcher owns the workers and drives them; this module holds the rules.
+//! The worker pool: where a VM's life is decided.
+//!
+//! - `workers` — [`Pool`]: the registry of workers and pending creates; applies listings,
+//!   creates, destroys, probe results and timeouts, and hands back the work to do as values.
+//! - `state` — the state machine of one worker as pure functions, its table in the doc.
+//! - `probe` — boot probe, runner deployment by hash, and the runner protocol, over [`Exec`].
+//! - `seams` — the traits the pool and dispatcher work through: [`Cloud`], [`Exec`],
+//!   [`ExecFactory`]; production wires `CloudOps` and SSH, tests wire fakes.
+//! - `backoff` — failing creates are retried with a growing delay per instance type.
+//! - `view` — the API's serializable picture of an instance.
 
+mod backoff;
 pub mod probe;
+pub mod seams;
 pub mod state;
+pub mod view;
+mod workers;
 
+pub use seams::{BoxFuture, Cloud, CreateError, Endpoint, Exec, ExecFactory, Listed};
 pub use state::IdleBehavior;
+pub use view::{InstanceState, InstanceView};
+pub use workers::{Effect, Pool, PoolConfig, ProbeJob, ProbeReport};
 
 /// Tag keys the host sets on every VM. With the set-ID tag the driver adds, they let a
 /// restarted host re-adopt its VMs.

@@ -1,27 +1,34 @@
 //! Talking to one VM: boot probe, runner deployment (by hash), and the runner protocol.
 
-use std::future::Future;
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
+use super::seams::Exec;
 use crate::runner::{ContainerSpec, RunList, DEPLOY_DIR};
-use crate::ssh::CommandOutput;
+use crate::ssh::{CommandOutput, SshError};
 
-/// What the pool needs to run commands on a VM. Implemented by `ssh::Executor`.
-pub trait Exec: Send + Sync {
-    fn run(
-        &self,
-        command: &str,
-        stdin: &[u8],
-    ) -> impl Future<Output = Result<CommandOutput, String>> + Send;
+/// Why a runner command on a VM did not give an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error(transparent)]
+    Ssh(#[from] SshError),
+    #[error("{what}: exit {status:?}: {stderr}")]
+    Failed {
+        what: &'static str,
+        status: Option<u32>,
+        stderr: String,
+    },
+    #[error("{what}: bad output: {message}")]
+    BadOutput { what: &'static str, message: String },
+    #[error("runner has no exit status for {0}")]
+    NoExitStatus(String),
 }
 
-impl Exec for crate::ssh::Executor {
-    async fn run(&self, command: &str, stdin: &[u8]) -> Result<CommandOutput, String> {
-        self.execute(command, stdin)
-            .await
-            .map_err(|e| e.to_string())
+impl RemoteError {
+    /// The VM's identity could not be established: worth a warning and a reason on the VM.
+    pub fn is_host_key_refused(&self) -> bool {
+        matches!(self, RemoteError::Ssh(SshError::HostKeyRefused { .. }))
     }
 }
 
@@ -77,12 +84,12 @@ pub struct Remote<'a> {
     pub sudo: bool,
 }
 
-fn failed(what: &str, out: &CommandOutput) -> String {
-    format!(
-        "{what}: exit {:?}: {}",
-        out.exit_status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    )
+fn failed(what: &'static str, out: &CommandOutput) -> RemoteError {
+    RemoteError::Failed {
+        what,
+        status: out.exit_status,
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    }
 }
 
 impl Remote<'_> {
@@ -95,7 +102,7 @@ impl Remote<'_> {
     }
 
     /// Copies the binary unless the VM already has this exact content.
-    pub async fn deploy<E: Exec>(&self, exec: &E) -> Result<(), String> {
+    pub async fn deploy(&self, exec: &dyn Exec) -> Result<(), RemoteError> {
         if self.binary.installed.is_some() {
             return Ok(());
         }
@@ -125,16 +132,22 @@ impl Remote<'_> {
         Ok(())
     }
 
-    pub async fn list<E: Exec>(&self, exec: &E) -> Result<RunList, String> {
+    pub async fn list(&self, exec: &dyn Exec) -> Result<RunList, RemoteError> {
         let out = exec.run(&self.runner("list"), b"").await?;
         if !out.success() {
             return Err(failed("runner list", &out));
         }
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("runner list: bad output: {e}"))
+        serde_json::from_slice(&out.stdout).map_err(|e| RemoteError::BadOutput {
+            what: "runner list",
+            message: e.to_string(),
+        })
     }
 
-    pub async fn start<E: Exec>(&self, exec: &E, spec: &ContainerSpec) -> Result<(), String> {
-        let stdin = serde_json::to_vec(spec).map_err(|e| e.to_string())?;
+    pub async fn start(&self, exec: &dyn Exec, spec: &ContainerSpec) -> Result<(), RemoteError> {
+        let stdin = serde_json::to_vec(spec).map_err(|e| RemoteError::BadOutput {
+            what: "encoding the spec",
+            message: e.to_string(),
+        })?;
         let out = exec.run(&self.runner("start"), &stdin).await?;
         if !out.success() {
             return Err(failed("runner start", &out));
@@ -143,14 +156,19 @@ impl Remote<'_> {
     }
 
     /// True once the container is gone.
-    pub async fn kill<E: Exec>(&self, exec: &E, id: &str, signal: i32) -> Result<bool, String> {
+    pub async fn kill(&self, exec: &dyn Exec, id: &str, signal: i32) -> Result<bool, RemoteError> {
         let out = exec
             .run(&self.runner(&format!("kill {signal} {id}")), b"")
             .await?;
         Ok(out.success())
     }
 
-    pub async fn logs<E: Exec>(&self, exec: &E, id: &str, stream: &str) -> Result<Vec<u8>, String> {
+    pub async fn logs(
+        &self,
+        exec: &dyn Exec,
+        id: &str,
+        stream: &str,
+    ) -> Result<Vec<u8>, RemoteError> {
         let out = exec
             .run(&self.runner(&format!("logs {id} {stream}")), b"")
             .await?;
@@ -160,7 +178,7 @@ impl Remote<'_> {
         Ok(out.stdout)
     }
 
-    pub async fn forget<E: Exec>(&self, exec: &E, id: &str) -> Result<(), String> {
+    pub async fn forget(&self, exec: &dyn Exec, id: &str) -> Result<(), RemoteError> {
         let out = exec.run(&self.runner(&format!("forget {id}")), b"").await?;
         if !out.success() {
             return Err(failed("runner forget", &out));
@@ -170,7 +188,7 @@ impl Remote<'_> {
 }
 
 /// Runs the boot probe; Ok(true) when it exits 0.
-pub async fn boot_probe<E: Exec>(exec: &E, command: &str) -> Result<bool, String> {
+pub async fn boot_probe(exec: &dyn Exec, command: &str) -> Result<bool, RemoteError> {
     let command = if command.trim().is_empty() {
         "true"
     } else {

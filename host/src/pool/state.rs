@@ -20,7 +20,9 @@
 //! | shutdown        | —              | still listed `shutdown` after destroy               | destroy again |
 //! | any             | —              | no longer listed by the cloud                       | removed |
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 pub use crate::scheduler::WorkerStatus;
 

@@ -3,9 +3,10 @@
 //! | from    | event                                  | to        |
 //! |---------|----------------------------------------|-----------|
 //! | —       | submit                                 | Queued    |
-//! | Queued  | scheduler locks it (lock_count += 1)   | Locked    |
-//! | Locked  | unlock (stale lock, over quota)        | Queued, or Cancelled past `max_dispatch_attempts` |
+//! | Queued  | scheduler starts it or creates a VM for it (lock_count += 1) | Locked |
+//! | Locked  | unlock (stale lock, priority 0, overtaken while over quota) | Queued |
 //! | Locked  | runner started on a VM                 | Running   |
+//! | Locked/Running | a start that produced no result (`runner start` failed, run vanished with its VM or supervisor) | Queued with dispatch_attempts += 1, or Cancelled once it reaches `max_dispatch_attempts` |
 //! | Locked  | runner seen exited (host crashed between start and record) | Complete |
 //! | Running | runner exited, result recorded         | Complete  |
 //! | Running | runner gone without a result           | Cancelled |
@@ -102,7 +103,11 @@ pub struct Container {
     pub working_dir: Option<String>,
     pub image: Option<String>,
     pub runtime_constraints: RuntimeConstraints,
+    /// Times it was locked (a statistic: a lock is a scheduler decision, not an attempt).
     pub lock_count: u32,
+    /// Starts on a VM that produced no result; `max_dispatch_attempts` of them cancel it.
+    #[serde(default)]
+    pub dispatch_attempts: u32,
     pub instance_type: Option<String>,
     pub instance_id: Option<String>,
     /// Submission order; breaks priority ties so equal-priority work does not flap.
@@ -144,8 +149,16 @@ pub trait Queue: Send + Sync {
     fn list(&self, active_only: bool) -> Result<Vec<Container>, QueueError>;
     /// Queued → Locked for `instance_type`; false if it was no longer Queued.
     fn lock(&self, id: &str, instance_type: &str) -> Result<bool, QueueError>;
-    /// Locked → Queued; Cancelled instead once `lock_count` reached `max_attempts`.
-    fn unlock(&self, id: &str, max_attempts: u32) -> Result<ContainerState, QueueError>;
+    /// Locked → Queued. Not an attempt: the container never reached a VM.
+    fn unlock(&self, id: &str) -> Result<(), QueueError>;
+    /// A start on a VM produced no result (`why`): Locked/Running → Queued with one more
+    /// dispatch attempt, or Cancelled once `max_attempts` (0 = unlimited) is reached.
+    fn attempt_failed(
+        &self,
+        id: &str,
+        why: &str,
+        max_attempts: u32,
+    ) -> Result<ContainerState, QueueError>;
     /// Locked → Running on `instance_id`, of `instance_type` when known.
     fn set_running(
         &self,

@@ -36,6 +36,9 @@ const MIGRATIONS: &[&str] = &[
         log_dir TEXT
     );
     CREATE INDEX containers_active ON containers(state) WHERE state IN ('Queued','Locked','Running');",
+    // Dispatch attempts: starts on a VM that produced no result. `lock_count` stays as a plain
+    // statistic; it no longer decides anything.
+    "ALTER TABLE containers ADD COLUMN dispatch_attempts INTEGER NOT NULL DEFAULT 0;",
 ];
 
 pub struct SqliteQueue {
@@ -87,6 +90,7 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Container> {
             preemptible: row.get("preemptible")?,
         },
         lock_count: row.get("lock_count")?,
+        dispatch_attempts: row.get("dispatch_attempts")?,
         instance_type: row.get("instance_type")?,
         instance_id: row.get("instance_id")?,
         seq: row.get("seq")?,
@@ -256,16 +260,37 @@ impl Queue for SqliteQueue {
         Ok(changed == 1)
     }
 
-    fn unlock(&self, id: &str, max_attempts: u32) -> Result<ContainerState, QueueError> {
+    fn unlock(&self, id: &str) -> Result<(), QueueError> {
+        self.transition(
+            id,
+            &[ContainerState::Locked],
+            ContainerState::Queued,
+            "instance_id = NULL",
+            &[],
+        )
+    }
+
+    fn attempt_failed(
+        &self,
+        id: &str,
+        why: &str,
+        max_attempts: u32,
+    ) -> Result<ContainerState, QueueError> {
         let c = self.get(id)?;
-        if max_attempts > 0 && c.lock_count >= max_attempts {
+        let active = [ContainerState::Locked, ContainerState::Running];
+        let attempts = c.dispatch_attempts.saturating_add(1);
+        if max_attempts > 0 && attempts >= max_attempts {
             self.transition(
                 id,
-                &[ContainerState::Locked],
+                &active,
                 ContainerState::Cancelled,
-                "runtime_error = ?2, finished_at_ms = ?3",
+                "dispatch_attempts = ?2, runtime_error = ?3, finished_at_ms = ?4",
                 &[
-                    &format!("Cancelled after exceeding max_dispatch_attempts ({max_attempts})"),
+                    &attempts,
+                    &format!(
+                        "Cancelled after {attempts} failed dispatch attempts \
+                         (max_dispatch_attempts = {max_attempts}); last: {why}"
+                    ),
                     &now_ms(),
                 ],
             )?;
@@ -273,10 +298,10 @@ impl Queue for SqliteQueue {
         }
         self.transition(
             id,
-            &[ContainerState::Locked],
+            &active,
             ContainerState::Queued,
-            "instance_id = NULL",
-            &[],
+            "dispatch_attempts = ?2, instance_id = NULL, started_at_ms = NULL",
+            &[&attempts],
         )?;
         Ok(ContainerState::Queued)
     }
@@ -391,24 +416,40 @@ mod tests {
     }
 
     #[test]
-    fn unlocking_past_the_attempt_limit_cancels() {
+    fn locks_never_count_as_attempts_and_failed_starts_do() {
         let (_d, q) = queue();
         let c = submit(&q);
-        for _ in 0..2 {
+        // A scheduler may lock and release a waiting container any number of times.
+        for _ in 0..20 {
             assert!(q.lock(&c.id, "small").expect("lock"));
-            assert_eq!(q.unlock(&c.id, 3).expect("unlock"), ContainerState::Queued);
+            q.unlock(&c.id).expect("unlock");
+        }
+        let c = q.get(&c.id).expect("get");
+        assert_eq!((c.state, c.dispatch_attempts), (ContainerState::Queued, 0));
+        // Two starts that produced nothing: requeued, then cancelled at the limit of 3.
+        for n in 1..=2 {
+            assert!(q.lock(&c.id, "small").expect("lock"));
+            q.set_running(&c.id, "i-1", None).expect("run");
+            assert_eq!(
+                q.attempt_failed(&c.id, "VM vanished", 3).expect("attempt"),
+                ContainerState::Queued
+            );
+            let now = q.get(&c.id).expect("get");
+            assert_eq!((now.dispatch_attempts, now.instance_id), (n, None));
         }
         assert!(q.lock(&c.id, "small").expect("lock"));
         assert_eq!(
-            q.unlock(&c.id, 3).expect("unlock"),
+            q.attempt_failed(&c.id, "runner start: exit 1", 3)
+                .expect("attempt"),
             ContainerState::Cancelled
         );
-        assert!(q
-            .get(&c.id)
-            .expect("get")
-            .runtime_error
-            .expect("reason")
-            .contains("max_dispatch_attempts"));
+        let done = q.get(&c.id).expect("get");
+        let reason = done.runtime_error.expect("reason");
+        assert!(
+            reason.contains("3 failed dispatch attempts") && reason.contains("runner start"),
+            "{reason}"
+        );
+        assert!(q.attempt_failed(&c.id, "late", 3).is_err(), "final state changed");
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! the queue: the dispatcher carries out the actions, so every rule here is testable as a table
 //! and the whole pass is benchmarkable in memory.
 
+pub mod outcome;
 pub mod plan;
 
-pub use plan::{plan, Action, PlanInput, RunnerSeen, WorkerSlot, WorkerStatus};
+pub use outcome::{outcome, Outcome};
+pub use plan::{plan, Action, PlanInput, RunnerSeen, SlotId, WorkerSlot, WorkerStatus};

@@ -22,10 +22,20 @@ pub enum WorkerStatus {
     Shutdown,
 }
 
+/// Which kind of slot a worker is: only a created instance can be started on or shut down.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SlotId {
+    /// An instance the cloud listed or returned from a create.
+    Instance(String),
+    /// A create in flight (the pool's number for it).
+    Pending(u64),
+    /// A VM this pass decided to create; exists only inside one `plan` call.
+    Planned(usize),
+}
+
 #[derive(Clone, Debug)]
 pub struct WorkerSlot {
-    /// Instance ID, or `pending-N` for a create in flight.
-    pub id: String,
+    pub id: SlotId,
     /// Config name of its instance type; `None` when the type is not (or no longer) configured.
     pub type_name: Option<String>,
     pub status: WorkerStatus,
@@ -70,12 +80,12 @@ pub struct PlanInput<'a> {
     pub maximum_price_factor: f64,
     /// 0 = as many as fit.
     pub max_per_instance: usize,
-    /// No instance may be added (quota or max_instances).
-    pub at_quota: bool,
-    /// Provider types that are in a capacity hold-off.
+    /// How many more instances the quota (or `max_instances`) allows; 0 = at quota.
+    pub quota_headroom: usize,
+    /// Provider types that cannot be created now (capacity hold-off, failing creates).
     pub at_capacity: &'a HashSet<String>,
-    /// Creates are held off (rate limit, concurrency cap): wait rather than create.
-    pub create_held: bool,
+    /// How many creates may start now (rate limit, concurrency cap); beyond that, wait.
+    pub creates_allowed: usize,
     /// Every worker listed at start-up has been probed (or the stale-lock timeout passed):
     /// only then may locks from a previous run be treated as stale.
     pub pool_recovered: bool,
@@ -122,6 +132,12 @@ pub enum Action {
     Forget {
         container: String,
         worker: String,
+    },
+    /// A start on a VM produced no result (its runner died, or the run vanished with its
+    /// VM): one more dispatch attempt; requeued, or cancelled past the limit.
+    AttemptFailed {
+        container: String,
+        reason: String,
     },
     /// Shut down an idle worker (to free quota for work of another size).
     Shutdown {
@@ -311,9 +327,9 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
                 ContainerState::Running | ContainerState::Locked,
                 Some(RunnerSeen::Stale { worker }),
             ) => {
-                actions.push(Action::Cancel {
+                actions.push(Action::AttemptFailed {
                     container: c.id.clone(),
-                    reason: "the runner on the VM died without a result".into(),
+                    reason: format!("the runner on {worker} died without a result"),
                 });
                 actions.push(Action::Forget {
                     container: c.id.clone(),
@@ -334,9 +350,9 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
                 })
             }
             (ContainerState::Running, None) if !any_unknown && input.pool_recovered => actions
-                .push(Action::Cancel {
+                .push(Action::AttemptFailed {
                     container: c.id.clone(),
-                    reason: "not running on any worker".into(),
+                    reason: "its run vanished: no worker lists it".into(),
                 }),
             (
                 ContainerState::Complete | ContainerState::Cancelled | ContainerState::Queued,
@@ -403,7 +419,10 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
     let slot_of: HashMap<String, usize> = slots
         .iter()
         .enumerate()
-        .map(|(i, s)| (s.worker.id.clone(), i))
+        .filter_map(|(i, s)| match &s.worker.id {
+            SlotId::Instance(id) => Some((id.clone(), i)),
+            _ => None,
+        })
         .collect();
     for c in input.containers {
         // A finished runner no longer uses the VM, even before its result is collected.
@@ -460,9 +479,12 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
     let mut eligible_index: HashMap<(u32, u64, u64, u32, bool), usize> = HashMap::default();
 
     let mut overquota: Vec<&Container> = Vec::new();
-    let mut pending = 0usize;
+    let mut quota_left = input.quota_headroom;
+    let mut creates_left = input.creates_allowed;
+    let mut planned = 0usize;
     for c in order {
         if !overquota.is_empty() {
+            // Past the first container that cannot get a VM, nothing jumps the line.
             overquota.push(c);
             continue;
         }
@@ -496,91 +518,68 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
         if eligible.is_empty() {
             actions.push(Action::Cancel {
                 container: c.id.clone(),
-                reason: format!(
-                    "constraints not satisfiable by any configured instance type (needs {} vCPUs, {} bytes RAM, {} bytes scratch, {} GPUs{})",
-                    rc.vcpus,
-                    rc.ram_bytes,
-                    rc.scratch_bytes,
-                    rc.gpus,
-                    if rc.preemptible { ", preemptible" } else { "" }
-                ),
+                reason: unsatisfiable_reason(rc),
             });
             continue;
         }
         let need = Resources::of_need(rc);
-        // Cheapest type first; among equals prefer the busiest worker (pack, so others can go
-        // idle), then one that has booted.
-        let mut best: Option<usize> = None;
-        let mut best_key = None;
-        let mut best_price = f64::INFINITY;
-        for &ti in eligible {
-            let price = input.types[ti].price;
-            if best.is_some() && price > best_price {
-                break;
-            }
-            if let Some(k) = open.best(ti, &need, &slots) {
-                if best_key.is_none_or(|b| k < b) {
-                    best = Some(k.2);
-                    best_key = Some(k);
-                    best_price = price;
-                }
-            }
-        }
-        let available = eligible
-            .iter()
-            .map(|&ti| &input.types[ti])
-            .find(|t| !input.at_capacity.contains(&t.provider_type));
-        if c.state == ContainerState::Queued {
-            let type_for_lock = best
-                .and_then(|i| slots[i].type_index)
-                .map(|ti| &input.types[ti])
-                .or(available);
-            match (best, type_for_lock) {
-                (None, _) if input.at_quota => {
-                    overquota.push(c);
-                    continue;
-                }
-                (_, None) => continue,
-                (_, Some(t)) => actions.push(Action::Lock {
-                    container: c.id.clone(),
-                    instance_type: t.name.clone(),
-                }),
-            }
-        }
-        match best {
+        match best_slot(eligible, &need, input.types, &open, &slots) {
             Some(i) => {
+                // A lock is a commitment: taken only together with a start or a create.
+                if c.state == ContainerState::Queued {
+                    if let Some(ti) = slots[i].type_index {
+                        actions.push(Action::Lock {
+                            container: c.id.clone(),
+                            instance_type: input.types[ti].name.clone(),
+                        });
+                    }
+                }
                 open.remove(&slots[i], i);
                 slots[i].free.take(&need);
                 slots[i].count += 1;
                 if !slots[i].full(input.max_per_instance) {
                     open.insert(&slots[i], i);
                 }
-                if booted(&slots[i].worker.status) {
+                if let (SlotId::Instance(worker), true) =
+                    (&slots[i].worker.id, booted(&slots[i].worker.status))
+                {
                     actions.push(Action::Start {
                         container: c.id.clone(),
-                        worker: slots[i].worker.id.clone(),
+                        worker: worker.clone(),
                     });
                 }
             }
-            None if input.at_quota => overquota.push(c),
+            None if quota_left == 0 => overquota.push(c),
             None => {
+                let available = eligible
+                    .iter()
+                    .map(|&ti| &input.types[ti])
+                    .find(|t| !input.at_capacity.contains(&t.provider_type));
+                // At capacity or throttled: wait where it stands, lock unchanged.
                 let Some(t) = available else { continue };
-                if input.create_held {
+                if creates_left == 0 {
                     continue;
+                }
+                if c.state == ContainerState::Queued {
+                    actions.push(Action::Lock {
+                        container: c.id.clone(),
+                        instance_type: t.name.clone(),
+                    });
                 }
                 actions.push(Action::Create {
                     instance_type: t.name.clone(),
                     container: c.id.clone(),
                 });
+                quota_left -= 1;
+                creates_left -= 1;
                 // Later containers may pack onto the VM this one is waiting for; its slot lives
-                // only in this pass (the dispatcher tracks the real pending create).
-                let ti = by_name.get(t.name.as_str()).copied();
+                // only in this pass (the pool tracks the real pending create).
                 let mut free = Resources::of_type(t);
                 free.take(&need);
-                pending += 1;
+                planned += 1;
                 slots.push(Slot {
                     worker: Cow::Owned(WorkerSlot {
-                        id: format!("planned-{pending}"),
+                        id: SlotId::Planned(planned),
                         type_name: Some(t.name.clone()),
                         status: WorkerStatus::Booting,
                         accepts_work: true,
@@ -588,7 +587,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
                     }),
                     free,
                     count: 1,
-                    type_index: ti,
+                    type_index: by_name.get(t.name.as_str()).copied(),
                 });
                 let i = slots.len() - 1;
                 if !slots[i].full(input.max_per_instance) {
@@ -599,30 +598,77 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
     }
 
     if !overquota.is_empty() {
-        // The next in line keeps its lock so it is not lock-cycled to death while it waits;
-        // with no instances at all, everything lets go so an impossible one cannot starve others.
-        let keep_first = !input.workers.is_empty();
-        for (n, c) in overquota.iter().enumerate() {
-            if c.state == ContainerState::Locked && !(keep_first && n == 0) {
-                actions.push(Action::Unlock {
-                    container: c.id.clone(),
-                });
-            }
-        }
-        // Free quota held by idle workers nothing is mapped to.
+        release_overtaken_locks(&overquota, &mut actions);
+        // Free quota held by idle instances nothing is mapped to.
         for s in &slots {
-            if s.count == 0
-                && s.worker.accepts_work
-                && matches!(s.worker.status, WorkerStatus::Idle | WorkerStatus::Booting)
-                && !s.worker.id.starts_with("planned-")
-            {
-                actions.push(Action::Shutdown {
-                    worker: s.worker.id.clone(),
-                });
+            if let SlotId::Instance(worker) = &s.worker.id {
+                if s.count == 0
+                    && s.worker.accepts_work
+                    && matches!(s.worker.status, WorkerStatus::Idle | WorkerStatus::Booting)
+                {
+                    actions.push(Action::Shutdown {
+                        worker: worker.clone(),
+                    });
+                }
             }
         }
     }
     actions
+}
+
+/// Over quota, a locked container keeps its lock while it stays next in line; it lets go only
+/// when a waiting container of higher priority is behind it, so the lock never flaps while
+/// nothing changes.
+fn release_overtaken_locks(overquota: &[&Container], actions: &mut Vec<Action>) {
+    let best_waiting = overquota
+        .iter()
+        .filter(|c| c.state == ContainerState::Queued)
+        .map(|c| c.priority)
+        .max();
+    for c in overquota {
+        if c.state == ContainerState::Locked && best_waiting.is_some_and(|p| p > c.priority) {
+            actions.push(Action::Unlock {
+                container: c.id.clone(),
+            });
+        }
+    }
+}
+
+fn unsatisfiable_reason(rc: &RuntimeConstraints) -> String {
+    format!(
+        "constraints not satisfiable by any configured instance type (needs {} vCPUs, {} bytes RAM, {} bytes scratch, {} GPUs{})",
+        rc.vcpus,
+        rc.ram_bytes,
+        rc.scratch_bytes,
+        rc.gpus,
+        if rc.preemptible { ", preemptible" } else { "" }
+    )
+}
+
+/// Cheapest type first; among equals the busiest worker (pack, so others can go idle), then
+/// one that has booted.
+fn best_slot(
+    eligible: &[usize],
+    need: &Resources,
+    types: &[InstanceType],
+    open: &OpenSlots,
+    slots: &[Slot<'_>],
+) -> Option<usize> {
+    let mut best: Option<SlotKey> = None;
+    let mut best_price = f64::INFINITY;
+    for &ti in eligible {
+        let price = types[ti].price;
+        if best.is_some() && price > best_price {
+            break;
+        }
+        if let Some(k) = open.best(ti, need, slots) {
+            if best.is_none_or(|b| k < b) {
+                best = Some(k);
+                best_price = price;
+            }
+        }
+    }
+    best.map(|k| k.2)
 }
 
 #[cfg(test)]
@@ -676,7 +722,7 @@ mod tests {
 
     fn w(id: &str, type_name: &str, status: WorkerStatus) -> WorkerSlot {
         WorkerSlot {
-            id: id.into(),
+            id: SlotId::Instance(id.into()),
             type_name: Some(type_name.into()),
             status,
             accepts_work: true,
@@ -687,8 +733,12 @@ mod tests {
     /// Flags a row may set.
     #[derive(Default, Clone)]
     struct Flags {
+        /// Quota headroom 0.
         at_quota: bool,
+        /// Creates allowed 0.
         create_held: bool,
+        /// Quota headroom, when not at quota (default: unlimited).
+        headroom: Option<usize>,
         not_recovered: bool,
         at_capacity: &'static [&'static str],
         price_factor: Option<f64>,
@@ -755,9 +805,13 @@ mod tests {
                 types: &types,
                 maximum_price_factor: row.flags.price_factor.unwrap_or(1.5),
                 max_per_instance: 0,
-                at_quota: row.flags.at_quota,
+                quota_headroom: if row.flags.at_quota {
+                    0
+                } else {
+                    row.flags.headroom.unwrap_or(usize::MAX)
+                },
                 at_capacity: &at_capacity,
-                create_held: row.flags.create_held,
+                creates_allowed: if row.flags.create_held { 0 } else { usize::MAX },
                 pool_recovered: !row.flags.not_recovered,
             };
             assert_eq!(plan(&input), row.expect, "row: {}", row.name);
@@ -833,20 +887,36 @@ mod tests {
                 expect: vec![start("l", "i1"), lock("q", "small"), create("small", "q")],
             },
             Row {
-                name: "at quota: the next in line keeps its lock, later ones let go, idle VMs go",
+                name: "at quota: locks stay while nothing overtakes them, idle VMs nothing fits go",
                 containers: vec![c("a", Locked, 3, 4, 4), c("b", Locked, 2, 4, 4), c("c", Queued, 1, 4, 4)],
                 workers: vec![w("i1", "small", Idle)],
                 runners: vec![],
                 flags: Flags { at_quota: true, ..Default::default() },
-                expect: vec![unlock("b"), Action::Shutdown { worker: "i1".into() }],
+                expect: vec![Action::Shutdown { worker: "i1".into() }],
             },
             Row {
-                name: "at quota with no instances: every lock is released",
-                containers: vec![c("a", Locked, 3, 1, 1), c("b", Locked, 2, 1, 1)],
+                name: "at quota: a lock overtaken by a higher-priority waiting container lets go",
+                containers: vec![c("a", Locked, 1, 1, 1), c("b", Queued, 5, 1, 1)],
                 workers: vec![],
                 runners: vec![],
                 flags: Flags { at_quota: true, ..Default::default() },
-                expect: vec![unlock("a"), unlock("b")],
+                expect: vec![unlock("a")],
+            },
+            Row {
+                name: "quota for one more VM: one create, the next waits over quota, unlocked",
+                containers: vec![c("a", Queued, 1, 2, 1), c("b", Queued, 1, 2, 1)],
+                workers: vec![],
+                runners: vec![],
+                flags: Flags { headroom: Some(1), ..Default::default() },
+                expect: vec![lock("a", "small"), create("small", "a")],
+            },
+            Row {
+                name: "a pending create is never shut down to free quota",
+                containers: vec![c("a", Queued, 1, 8, 1)],
+                workers: vec![WorkerSlot { id: SlotId::Pending(3), ..w("", "small", Booting) }],
+                runners: vec![],
+                flags: Flags { at_quota: true, ..Default::default() },
+                expect: vec![],
             },
             Row {
                 name: "the cheapest type at capacity: the next eligible one is used",
@@ -865,12 +935,12 @@ mod tests {
                 expect: vec![],
             },
             Row {
-                name: "creates held off: lock, but do not create",
-                containers: vec![c("a", Queued, 1, 1, 1)],
+                name: "creates held off: wait, neither locked nor created",
+                containers: vec![c("a", Queued, 1, 1, 1), c("b", Locked, 1, 1, 1)],
                 workers: vec![],
                 runners: vec![],
                 flags: Flags { create_held: true, ..Default::default() },
-                expect: vec![lock("a", "small")],
+                expect: vec![],
             },
             Row {
                 name: "priority 0 gives up its lock",
@@ -954,9 +1024,9 @@ mod tests {
                 workers: vec![w("i1", "small", Idle)],
                 runners: vec![],
                 flags: Flags::default(),
-                expect: vec![Action::Cancel {
+                expect: vec![Action::AttemptFailed {
                     container: "a".into(),
-                    reason: "not running on any worker".into(),
+                    reason: "its run vanished: no worker lists it".into(),
                 }],
             },
             Row {
@@ -996,7 +1066,7 @@ mod tests {
                 ],
             },
             Row {
-                name: "a runner dead without a result: cancel and forget",
+                name: "a runner dead without a result: a failed attempt, and forget it",
                 containers: vec![c("a", ContainerState::Running, 1, 1, 1)],
                 workers: vec![w("i1", "small", Running)],
                 runners: vec![(
@@ -1007,9 +1077,9 @@ mod tests {
                 )],
                 flags: Flags::default(),
                 expect: vec![
-                    Action::Cancel {
+                    Action::AttemptFailed {
                         container: "a".into(),
-                        reason: "the runner on the VM died without a result".into(),
+                        reason: "the runner on i1 died without a result".into(),
                     },
                     Action::Forget {
                         container: "a".into(),
@@ -1035,6 +1105,49 @@ mod tests {
                 ],
             },
         ]);
+    }
+
+    /// Passes under changing cloud pressure (quota, throttling, creates that never succeed),
+    /// with the plan's lock and unlock applied to the queue between passes: a waiting
+    /// container is locked at most once and never released while nothing overtakes it.
+    #[test]
+    fn waiting_locks_do_not_flap_under_cloud_pressure() {
+        let types = types();
+        let mut containers: Vec<Container> =
+            (0..10).map(|i| c(&format!("c{i:02}"), Queued, 1, 2, 1)).collect();
+        let mut locks: HashMap<String, usize> = HashMap::default();
+        let mut unlocks = 0;
+        let no_capacity = HashSet::default();
+        for pass in 0..40 {
+            let runners = HashMap::default();
+            let input = PlanInput {
+                containers: &containers,
+                workers: &[],
+                runners: &runners,
+                types: &types,
+                maximum_price_factor: 1.5,
+                max_per_instance: 0,
+                quota_headroom: [0, 2, 0, 6][pass % 4],
+                at_capacity: &no_capacity,
+                creates_allowed: [0, 1, 3][pass % 3],
+                pool_recovered: true,
+            };
+            for action in plan(&input) {
+                match action {
+                    Action::Lock { container, .. } => {
+                        *locks.entry(container.clone()).or_default() += 1;
+                        if let Some(c) = containers.iter_mut().find(|c| c.id == container) {
+                            c.state = Locked;
+                        }
+                    }
+                    Action::Unlock { .. } => unlocks += 1,
+                    _ => {}
+                }
+            }
+        }
+        assert_eq!(unlocks, 0);
+        assert!(locks.values().all(|n| *n == 1), "{locks:?}");
+        assert_eq!(locks.len(), 10, "every container got its turn: {locks:?}");
     }
 
     #[test]
