@@ -24,6 +24,7 @@ fn container(i: usize, state: ContainerState) -> Container {
             ..Default::default()
         },
         lock_count: 0,
+        dispatch_attempts: 0,
         instance_type: None,
         instance_id: None,
         seq: i as i64,

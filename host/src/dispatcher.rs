@@ -58,8 +58,13 @@ enum Event {
         worker: String,
         gave_up: bool,
     },
-    /// A finalize or forget finished (successfully or not): the container's op lock is free.
-    OpDone { container: String },
+    /// A finalize or forget finished: the container's op lock is free. When the run was
+    /// forgotten on the VM the pool stops reporting it; when not, it is retried after a while.
+    OpDone {
+        container: String,
+        worker: String,
+        forgotten: bool,
+    },
 }
 
 /// Handle for the API: wake the dispatcher, read the instance list.
@@ -106,6 +111,9 @@ pub struct Dispatcher {
     kills: HashMap<String, String>,
     /// Containers with a finalize/forget/start in flight: one operation per container at a time.
     busy: HashSet<String>,
+    /// Containers whose finalize or forget failed: not retried before this time (a failing VM
+    /// must not be asked again in a tight loop).
+    retry_at: HashMap<String, Instant>,
     events_tx: mpsc::Sender<Event>,
     events_rx: mpsc::Receiver<Event>,
     handle: DispatcherHandle,
@@ -175,6 +183,7 @@ impl Dispatcher {
             binary,
             kills: HashMap::new(),
             busy: HashSet::new(),
+            retry_at: HashMap::new(),
             events_tx,
             events_rx,
             handle: DispatcherHandle {
@@ -217,7 +226,11 @@ impl Dispatcher {
     }
 
     fn next_wake(&self, now: Instant) -> Instant {
-        let mut at = (now + self.settings.probe_interval).min(self.next_sync_at.max(now));
+        let mut at = now + self.settings.probe_interval;
+        if self.listing.is_none() {
+            // While a listing is in flight its result is the wake-up.
+            at = at.min(self.next_sync_at.max(now));
+        }
         if let Some(t) = self.pool.next_deadline(now) {
             at = at.min(t);
         }
@@ -285,10 +298,23 @@ impl Dispatcher {
                 if gave_up {
                     let effect = self.pool.runner_ignored_sigterm(&worker, &container);
                     self.execute(effect.into_iter().collect());
+                } else {
+                    self.pool.runner_stopped(&worker, &container);
                 }
             }
-            Event::OpDone { container } => {
+            Event::OpDone {
+                container,
+                worker,
+                forgotten,
+            } => {
                 self.busy.remove(&container);
+                if forgotten {
+                    self.pool.runner_forgotten(&worker, &container);
+                    self.retry_at.remove(&container);
+                } else {
+                    self.retry_at
+                        .insert(container, now + self.settings.probe_interval);
+                }
             }
         }
     }
@@ -555,17 +581,27 @@ impl Dispatcher {
                 }
             }
             Action::Finalize { container, worker } => {
-                if let Some(c) = by_id.get(&container) {
+                if let (Some(c), false) = (by_id.get(&container), self.held_back(&container, now))
+                {
                     self.finalize(c.clone(), &worker);
                 }
             }
             Action::Kill { container, worker } => self.kill(&container, &worker),
-            Action::Forget { container, worker } => self.forget(&container, &worker),
+            Action::Forget { container, worker } => {
+                if !self.held_back(&container, now) {
+                    self.forget(&container, &worker)
+                }
+            }
             Action::Shutdown { worker } => {
                 let effect = self.pool.shutdown(&worker, "frees quota for other work");
                 self.execute(effect.into_iter().collect());
             }
         }
+    }
+
+    /// A finalize or forget of this container failed a moment ago.
+    fn held_back(&self, container: &str, now: Instant) -> bool {
+        self.retry_at.get(container).is_some_and(|t| now < *t)
     }
 
     fn attempt_failed(&mut self, container: &str, reason: &str) {
@@ -643,10 +679,15 @@ impl Dispatcher {
                 sudo,
             };
             let id = c.id.clone();
-            if let Err(e) = record_result(&remote, &*exec, &*queue, &c, &worker, &dir).await {
+            let result = record_result(&remote, &*exec, &*queue, &c, &worker, &dir).await;
+            if let Err(e) = &result {
                 log::warn!("container={id} instance={worker} recording the result failed: {e}");
             }
-            Event::OpDone { container: id }
+            Event::OpDone {
+                container: id,
+                worker,
+                forgotten: result.is_ok(),
+            }
         });
     }
 
@@ -660,15 +701,21 @@ impl Dispatcher {
         self.busy.insert(container.to_string());
         let binary = self.binary.clone();
         let id = container.to_string();
+        let worker = worker.to_string();
         self.spawn(async move {
             let remote = Remote {
                 binary: &binary,
                 sudo,
             };
-            if let Err(e) = remote.forget(&*exec, &id).await {
+            let result = remote.forget(&*exec, &id).await;
+            if let Err(e) = &result {
                 log::debug!("container={id} forget: {e}");
             }
-            Event::OpDone { container: id }
+            Event::OpDone {
+                container: id,
+                worker,
+                forgotten: result.is_ok(),
+            }
         });
     }
 
@@ -779,3 +826,6 @@ async fn record_result(
     remote.forget(exec, id).await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

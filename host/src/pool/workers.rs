@@ -510,6 +510,25 @@ impl Pool {
         None
     }
 
+    /// SIGTERM ended the runner: until the next probe says more, it counts as exited (so it
+    /// is not signalled again in the meantime).
+    pub fn runner_stopped(&mut self, id: &str, container: &str) {
+        if let Some(state) = self
+            .workers
+            .get_mut(id)
+            .and_then(|w| w.runners.get_mut(container))
+        {
+            *state = RunState::Exited;
+        }
+    }
+
+    /// The run directory was removed on the VM: nothing is left to reconcile.
+    pub fn runner_forgotten(&mut self, id: &str, container: &str) {
+        if let Some(w) = self.workers.get_mut(id) {
+            w.runners.remove(container);
+        }
+    }
+
     /// Marks the worker Shutdown and asks for its destruction, unless it is already going.
     pub fn shutdown(&mut self, id: &str, reason: &str) -> Option<Effect> {
         let w = self.workers.get_mut(id)?;
