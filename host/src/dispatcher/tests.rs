@@ -91,6 +91,10 @@ struct FakeCloud {
     destroys: AtomicUsize,
     fail_creates: AtomicBool,
     destroy_failures_left: AtomicUsize,
+    /// New VMs never answer SSH.
+    unreachable_vms: AtomicBool,
+    /// New VMs' runners refuse `start`.
+    refusing_vms: AtomicBool,
 }
 
 impl FakeCloud {
@@ -122,11 +126,17 @@ impl Cloud for FakeCloud {
         } else {
             let id = format!("i-{n}");
             let address = format!("vm-{n}");
-            self.world
-                .vms
-                .lock()
-                .expect("world")
-                .insert(address.clone(), Vm::default());
+            if !self.unreachable_vms.load(Ordering::SeqCst) {
+                let vm = Vm {
+                    fail_start: self.refusing_vms.load(Ordering::SeqCst),
+                    ..Vm::default()
+                };
+                self.world
+                    .vms
+                    .lock()
+                    .expect("world")
+                    .insert(address.clone(), vm);
+            }
             let instance = Arc::new(FakeInstance {
                 id: id.clone(),
                 address: Mutex::new(address),
@@ -519,14 +529,9 @@ async fn an_instance_gone_from_the_listing_has_its_container_requeued() {
 
 #[tokio::test(start_paused = true)]
 async fn a_runner_that_never_starts_costs_attempts_until_cancelled() {
-    let rig = Rig::start();
-    // Every VM this cloud makes refuses `runner start`.
-    let world = Arc::clone(&rig.world);
+    let rig = Rig::start_with(|c| c.refusing_vms.store(true, Ordering::SeqCst));
     let id = rig.submit();
     rig.eventually("Cancelled", 5 * MINUTE, || {
-        for vm in world.vms.lock().expect("world").values_mut() {
-            vm.fail_start = true;
-        }
         rig.state(&id) == ContainerState::Cancelled
     })
     .await;
@@ -543,17 +548,13 @@ async fn a_runner_that_never_starts_costs_attempts_until_cancelled() {
 
 #[tokio::test(start_paused = true)]
 async fn a_vm_that_never_answers_is_shut_down_at_the_boot_timeout() {
-    let rig = Rig::start();
+    let rig = Rig::start_with(|c| c.unreachable_vms.store(true, Ordering::SeqCst));
     let started = Instant::now();
     let id = rig.submit();
     rig.eventually("a create", MINUTE, || !rig.cloud.ids().is_empty())
         .await;
     let first = rig.cloud.ids()[0].clone();
-    rig.world
-        .vms
-        .lock()
-        .expect("world")
-        .remove(&rig.cloud.address_of(&first));
+    rig.cloud.unreachable_vms.store(false, Ordering::SeqCst);
     rig.eventually("the dead VM destroyed", MINUTE, || {
         !rig.cloud.ids().contains(&first)
     })
@@ -665,8 +666,10 @@ async fn failing_creates_back_off() {
     tokio::time::sleep(MINUTE).await;
     let calls = rig.cloud.creates.load(Ordering::SeqCst);
     assert!((3..=8).contains(&calls), "{calls} creates in a minute");
-    assert_eq!(rig.state(&id), ContainerState::Queued);
-    assert_eq!(rig.container(&id).dispatch_attempts, 0);
+    // Waiting for a VM, never started: no attempt counted.
+    let waiting = rig.container(&id);
+    assert!(!waiting.state.is_final() && waiting.state != ContainerState::Running);
+    assert_eq!(waiting.dispatch_attempts, 0);
     // Once the cloud recovers, the container runs (the hold-off has grown to 32 s or 64 s).
     rig.cloud.fail_creates.store(false, Ordering::SeqCst);
     rig.eventually("Running", 2 * MINUTE, || {
