@@ -34,6 +34,7 @@ fn container(i: usize, state: ContainerState) -> Container {
         exit_code: None,
         runtime_error: None,
         log_dir: None,
+        scheduling_status: None,
     }
 }
 

@@ -95,14 +95,21 @@ async fn list(
     State(state): State<ApiState>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Vec<crate::queue::Container>>, ApiError> {
-    Ok(Json(state.queue.list(q.active)?))
+    let mut list = state.queue.list(q.active)?;
+    let waiting = state.dispatcher.waiting();
+    for c in &mut list {
+        c.scheduling_status = waiting.get(&c.id).cloned();
+    }
+    Ok(Json(list))
 }
 
 async fn get_one(
     State(state): State<ApiState>,
     Path(id): Path<String>,
 ) -> Result<Json<crate::queue::Container>, ApiError> {
-    Ok(Json(state.queue.get(&id)?))
+    let mut c = state.queue.get(&id)?;
+    c.scheduling_status = state.dispatcher.waiting().get(&id).cloned();
+    Ok(Json(c))
 }
 
 async fn cancel(

@@ -24,6 +24,8 @@ use crate::pool::{
 };
 use crate::queue::{Container, Queue, QueueError};
 use crate::runner::ContainerSpec;
+use crate::queue::ContainerState;
+use crate::scheduler::status::{waiting_reason, Pressure};
 use crate::scheduler::{outcome, plan, Action, Outcome, PlanInput};
 
 /// Events from the tasks the dispatcher started. Bounded: a task waits rather than letting
@@ -73,6 +75,8 @@ pub struct DispatcherHandle {
     wake: Arc<Notify>,
     /// std mutex: replaced whole once per pass, read by API handlers; never held across await.
     instances: Arc<Mutex<Vec<InstanceView>>>,
+    /// Why each waiting container has not started; replaced at each scheduling pass.
+    waiting: Arc<Mutex<HashMap<String, String>>>,
 }
 
 impl DispatcherHandle {
@@ -83,6 +87,11 @@ impl DispatcherHandle {
 
     pub fn instances(&self) -> Vec<InstanceView> {
         self.instances.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Container ID → why it waits.
+    pub fn waiting(&self) -> HashMap<String, String> {
+        self.waiting.lock().map(|v| v.clone()).unwrap_or_default()
     }
 }
 
@@ -139,7 +148,7 @@ impl Dispatcher {
         let stale: HashSet<String> = queue
             .list(true)?
             .into_iter()
-            .filter(|c| c.state == crate::queue::ContainerState::Locked)
+            .filter(|c| c.state == ContainerState::Locked)
             .map(|c| c.id)
             .collect();
         let t = &config.timeouts;
@@ -189,6 +198,7 @@ impl Dispatcher {
             handle: DispatcherHandle {
                 wake: Arc::new(Notify::new()),
                 instances: Arc::new(Mutex::new(Vec::new())),
+                waiting: Arc::new(Mutex::new(HashMap::new())),
             },
             listing: None,
             next_sync_at: now,
@@ -515,11 +525,41 @@ impl Dispatcher {
             pool_recovered: self.pool.recovered(now),
         };
         let actions = plan(&input);
+        self.publish_waiting(&input, &actions, now);
         let by_id: HashMap<String, Container> =
             containers.into_iter().map(|c| (c.id.clone(), c)).collect();
         let mut lock_failed: HashSet<String> = HashSet::new();
         for action in actions {
             self.carry_out(action, &by_id, &mut lock_failed, now);
+        }
+    }
+
+    /// Records, for the API, why each waiting container was not started this pass.
+    fn publish_waiting(&self, input: &PlanInput<'_>, actions: &[Action], now: Instant) {
+        let started: HashSet<&str> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Start { container, .. } => Some(container.as_str()),
+                _ => None,
+            })
+            .collect();
+        let pressure = Pressure {
+            types: input.types,
+            maximum_price_factor: input.maximum_price_factor,
+            quota_headroom: input.quota_headroom,
+            creates_allowed: input.creates_allowed,
+            at_capacity: &|t| input.at_capacity.contains(&t.provider_type),
+            create_trouble: &|t| self.pool.create_trouble(&t.name, now),
+        };
+        let waiting: HashMap<String, String> = input
+            .containers
+            .iter()
+            .filter(|c| matches!(c.state, ContainerState::Queued | ContainerState::Locked))
+            .filter(|c| !input.runners.contains_key(&c.id) && !started.contains(c.id.as_str()))
+            .map(|c| (c.id.clone(), waiting_reason(c, &pressure)))
+            .collect();
+        if let Ok(mut slot) = self.handle.waiting.lock() {
+            *slot = waiting;
         }
     }
 

@@ -7,6 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use dispatch_cloud::plugin::{self, Catalogue, InstanceSetEntry, LoadedPlugin};
 use dispatch_cloud_loopback::protocol::{Request, SOCKET_NAME};
@@ -66,6 +67,44 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Waits until `done` holds, checking every 20 ms; panics naming `what` after `timeout`.
+/// The one way these tests wait for a condition (never a bare sleep).
+pub fn eventually(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `eventually` for async checks that produce a value: retries `attempt` until it returns
+/// `Some`, or panics with `what` and the last `None`-making observation after `timeout`.
+pub async fn eventually_async<T, F, Fut>(what: &str, timeout: Duration, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match attempt().await {
+            Ok(v) => return v,
+            Err(last) if Instant::now() > deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}; last: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// Where a failing test keeps its evidence: one file per test (tests run in parallel).
+pub fn failure_log_path(kind: &str) -> PathBuf {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("unnamed")
+        .replace("::", "-");
+    PathBuf::from(format!("/tmp/dispatch-cloud-failed-{test}-{kind}.log"))
+}
+
 /// A loopback cloud in a temporary directory; its daemon is told to stop, and killed if it
 /// does not, when this is dropped.
 pub struct LoopbackCloud {
@@ -112,13 +151,14 @@ impl LoopbackCloud {
             let _ = BufReader::new(s).read_line(&mut reply);
         }
         if let Some(pid) = pid {
-            for _ in 0..200 {
-                if !Path::new(&format!("/proc/{pid}")).exists() {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Path::new(&format!("/proc/{pid}")).exists() {
+                if Instant::now() > deadline {
+                    let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
                     return;
                 }
-                std::thread::sleep(std::time::Duration::from_millis(10));
+                std::thread::sleep(Duration::from_millis(10));
             }
-            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
         }
     }
 }
@@ -244,6 +284,38 @@ maximum_price_factor = 1.5
 max_dispatch_attempts = 50
 "#;
 
+/// How a `ServeHarness` is set up; `Default` is the loopback cloud with the built binary as
+/// the VMs' runner.
+#[derive(Clone, Debug)]
+pub struct HarnessOptions {
+    /// Appended to the cluster config (e.g. `[[instance_types]]` tables).
+    pub cluster_extra: String,
+    /// Appended to the loopback instance set's parameters (e.g. a faults table).
+    pub loopback_extra: String,
+    /// Deploy the host's executable to VMs by hash, as production does.
+    pub deploy: bool,
+    pub idle_seconds: f64,
+    pub max_dispatch_attempts: u32,
+    /// The runner on VMs (overrides `deploy`).
+    pub runner_path: Option<PathBuf>,
+    /// A whole `plugins.toml` with an instance set named `test`, instead of loopback's.
+    pub catalogue: Option<String>,
+}
+
+impl Default for HarnessOptions {
+    fn default() -> Self {
+        HarnessOptions {
+            cluster_extra: String::new(),
+            loopback_extra: String::new(),
+            deploy: false,
+            idle_seconds: 1.5,
+            max_dispatch_attempts: 50,
+            runner_path: None,
+            catalogue: None,
+        }
+    }
+}
+
 impl ServeHarness {
     /// `cluster_extra` is appended to the cluster config (e.g. `[[instance_types]]` tables);
     /// `loopback_extra` to the instance set's parameters. VMs use the built binary as their
@@ -262,39 +334,58 @@ impl ServeHarness {
         deploy: bool,
         idle_seconds: f64,
     ) -> Self {
+        Self::start_opts(HarnessOptions {
+            cluster_extra: cluster_extra.into(),
+            loopback_extra: loopback_extra.into(),
+            deploy,
+            idle_seconds,
+            ..HarnessOptions::default()
+        })
+    }
+
+    pub fn start_opts(opts: HarnessOptions) -> Self {
         let cloud = LoopbackCloud::new();
         let dir = tempfile::Builder::new()
             .prefix("dcs")
             .tempdir_in("/tmp")
             .expect("tmp");
-        let plugins = write_plugins_toml(
-            dir.path(),
-            &loopback_catalogue_text(&cloud, "zzzzz-zzzzz-servetest000000", loopback_extra),
-        );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let catalogue = opts.catalogue.clone().unwrap_or_else(|| {
+            loopback_catalogue_text(&cloud, "zzzzz-zzzzz-servetest000000", &opts.loopback_extra)
+        });
+        let plugins = write_plugins_toml(dir.path(), &catalogue);
+        let runner = match (&opts.runner_path, opts.deploy) {
+            (Some(path), _) => format!("runner_path = {:?}\n", path.display().to_string()),
+            (None, true) => String::new(),
+            (None, false) => {
+                format!("runner_path = {:?}\n", built("dispatch-cloud").display().to_string())
+            }
+        };
+        let fast = FAST_CLUSTER_CONFIG
+            .replace(
+                "[timeouts]\n",
+                &format!("[timeouts]\nidle_seconds = {}\n", opts.idle_seconds),
+            )
+            .replace(
+                "max_dispatch_attempts = 50",
+                &format!("max_dispatch_attempts = {}", opts.max_dispatch_attempts),
+            );
         let config_file = dir.path().join("cluster.toml");
+        // Port 0: serve binds a free port itself and writes it to `<state>/api-address`, so
+        // parallel tests never race for one.
         std::fs::write(
             &config_file,
             format!(
-                "state_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\nplugins = {:?}\ninstance_set = \"test\"\n{}{}\n{cluster_extra}\n",
+                "state_dir = {:?}\nlisten = \"127.0.0.1:0\"\nplugins = {:?}\ninstance_set = \"test\"\n{runner}{fast}\n{}\n",
                 dir.path().join("state").display().to_string(),
                 plugins.display().to_string(),
-                if deploy {
-                    String::new()
-                } else {
-                    format!("runner_path = {:?}\n", built("dispatch-cloud").display().to_string())
-                },
-                FAST_CLUSTER_CONFIG.replace("[timeouts]\n", &format!("[timeouts]\nidle_seconds = {idle_seconds}\n")),
+                opts.cluster_extra,
             ),
         )
         .expect("write config");
         let mut h = ServeHarness {
             cloud,
             dir,
-            url: format!("http://127.0.0.1:{port}"),
+            url: String::new(),
             token: "test-token".into(),
             config_file,
             child: None,
@@ -309,6 +400,9 @@ impl ServeHarness {
 
     /// Starts (or restarts) the serve process and waits until its API answers.
     pub fn spawn(&mut self) {
+        let address_file = self.dir.path().join("state/api-address");
+        // A previous run's address must not be mistaken for this one's.
+        let _ = std::fs::remove_file(&address_file);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -328,14 +422,27 @@ impl ServeHarness {
             .spawn()
             .expect("start serve");
         self.child = Some(child);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while std::time::Instant::now() < deadline {
-            if self.client().list().is_ok() {
-                return;
+        let log_path = self.dir.path().join("serve.log");
+        eventually("serve to write its address", Duration::from_secs(30), || {
+            match std::fs::read_to_string(&address_file) {
+                Ok(a) if !a.trim().is_empty() => {
+                    self.url = format!("http://{}", a.trim());
+                    true
+                }
+                _ => {
+                    let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                    assert!(
+                        exited.is_none(),
+                        "serve exited ({exited:?}); log:\n{}",
+                        std::fs::read_to_string(&log_path).unwrap_or_default()
+                    );
+                    false
+                }
             }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        panic!("serve did not answer; log:\n{}", self.log());
+        });
+        eventually("serve's API to answer", Duration::from_secs(30), || {
+            self.client().list().is_ok()
+        });
     }
 
     /// kill -9, as a crash would.
@@ -354,26 +461,20 @@ impl ServeHarness {
         std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
     }
 
-    /// Waits until `done` holds, or panics with `what` and the serve log after `timeout`.
-    pub fn wait_for(
-        &self,
-        what: &str,
-        timeout: std::time::Duration,
-        mut done: impl FnMut() -> bool,
-    ) {
-        let deadline = std::time::Instant::now() + timeout;
-        while std::time::Instant::now() < deadline {
-            if done() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
+    /// `eventually`, with the serve log's tail when it times out.
+    pub fn wait_for(&self, what: &str, timeout: Duration, done: impl FnMut() -> bool) {
+        let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            eventually(what, timeout, done)
+        }));
+        if let Err(e) = waited {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            panic!(
+                "{}; serve log tail:\n{}",
+                e.downcast_ref::<String>().cloned().unwrap_or_default(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
         }
-        let log = self.log();
-        let tail: Vec<&str> = log.lines().rev().take(60).collect();
-        panic!(
-            "timed out waiting for {what}; serve log tail:\n{}",
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        );
     }
 }
 
@@ -382,10 +483,9 @@ impl Drop for ServeHarness {
         self.kill();
         if std::thread::panicking() {
             // Keep the evidence: the temporary directory goes away with the harness.
-            let _ = std::fs::copy(
-                self.dir.path().join("serve.log"),
-                "/tmp/dispatch-cloud-failed-serve.log",
-            );
+            let kept = failure_log_path("serve");
+            let _ = std::fs::copy(self.dir.path().join("serve.log"), &kept);
+            eprintln!("serve log kept in {}", kept.display());
         }
     }
 }

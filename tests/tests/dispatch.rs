@@ -285,6 +285,8 @@ fn kill_9_and_restart_ends_every_container_exactly_once() {
             .unwrap_or(false)
     });
     h.kill();
+    // Not a synchronisation: the outage itself is under test (runners finish while no
+    // dispatcher is up; the next one must find their results).
     std::thread::sleep(Duration::from_millis(500));
     h.spawn();
     h.wait_for(
@@ -430,4 +432,115 @@ fn check_config_lists_every_problem_and_serve_refuses_the_file() {
         "{}",
         text(&serve.stderr)
     );
+}
+
+/// A runner wrapper that refuses to start any container whose spec mentions `REFUSE_START`
+/// and hands everything else to the real binary: a VM whose runner really cannot start it.
+fn refusing_runner(h_dir: &std::path::Path) -> std::path::PathBuf {
+    let path = h_dir.join("refusing-runner");
+    let real = built("dispatch-cloud").display().to_string();
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\n\
+             if [ \"$1\" = runner ] && [ \"$2\" = start ]; then\n\
+               spec=$(cat)\n\
+               case \"$spec\" in *REFUSE_START*) echo 'runner start: refused by the test wrapper' >&2; exit 1;; esac\n\
+               printf '%s' \"$spec\" | exec '{real}' \"$@\"\n\
+             fi\n\
+             exec '{real}' \"$@\"\n"
+        ),
+    )
+    .expect("write wrapper");
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    path
+}
+
+#[test]
+fn cloud_pressure_never_costs_attempts_and_real_start_failures_do() {
+    let wrapper_dir = tempfile::tempdir().expect("tmp");
+    let faults = "[instance_sets.parameters.faults]\n\
+                  max_instances = 6\n\
+                  create_rate_limit_ms = 150\n\
+                  capacity_error_types = [\"lb.medium\"]\n";
+    let h = ServeHarness::start_opts(HarnessOptions {
+        cluster_extra: TYPES.into(),
+        loopback_extra: faults.into(),
+        // Any attempt counted for a scheduler decision would cancel containers here.
+        max_dispatch_attempts: 3,
+        runner_path: Some(refusing_runner(wrapper_dir.path())),
+        ..HarnessOptions::default()
+    });
+    let runs = runs_file(&h);
+    let mut ids = Vec::new();
+    for i in 0..200usize {
+        let vcpus = if i % 10 == 0 { 3 } else { 1 };
+        let c = h
+            .client()
+            .submit(&job(&runs, &format!("p{i}"), vcpus, 256 * MIB, 1 + (i % 3) as i64, "true"))
+            .expect("submit");
+        ids.push(c.id);
+    }
+    let mut refused = job(&runs, "refused", 1, 256 * MIB, 1, "true");
+    refused.env.insert("MARK".into(), "REFUSE_START".into());
+    let refused = h.client().submit(&refused).expect("submit").id;
+    ids.push(refused.clone());
+    h.wait_for("all 201 containers to end", Duration::from_secs(300), || {
+        all_final(&h, &ids)
+    });
+    let list = h.client().list().expect("list");
+    for c in list.iter().filter(|c| ids.contains(&c.id) && c.id != refused) {
+        assert_eq!(c.state, ContainerState::Complete, "{c:?}");
+        assert_eq!(c.dispatch_attempts, 0, "an attempt it never made: {c:?}");
+    }
+    let counts = run_counts(&h);
+    for i in 0..200 {
+        assert_eq!(counts.get(&format!("p{i}")), Some(&1), "p{i}: {counts:?}");
+    }
+    let r = h.client().get(&refused).expect("get");
+    assert_eq!(r.state, ContainerState::Cancelled, "{r:?}");
+    assert_eq!(r.dispatch_attempts, 3);
+    assert!(
+        r.runtime_error
+            .as_deref()
+            .is_some_and(|e| e.contains("3 failed dispatch attempts") && e.contains("refused")),
+        "{r:?}"
+    );
+    assert_eq!(counts.get("refused"), None, "it never ran");
+    let log = h.log();
+    for fault in ["quota exceeded", "no capacity", "rate limited"] {
+        assert!(log.contains(fault), "the fault {fault:?} never showed in the log");
+    }
+    wait_until_nothing_left(&h);
+}
+
+#[test]
+fn a_driver_whose_creates_fail_is_called_rarely_and_the_reason_shows() {
+    let catalogue = format!(
+        "[[plugins]]\nname = \"probe\"\npath = {:?}\n\n[[instance_sets]]\nname = \"test\"\ndriver = \"probe\"\nset_id = \"zzzzz-zzzzz-failingcreates0\"\n[instance_sets.parameters]\nfail_creates = true\n",
+        probe_so().display().to_string()
+    );
+    let h = ServeHarness::start_opts(HarnessOptions {
+        catalogue: Some(catalogue),
+        ..HarnessOptions::default()
+    });
+    let id = h
+        .client()
+        .submit(&job("/dev/null", "x", 1, 256 * MIB, 1, "true"))
+        .expect("submit")
+        .id;
+    let failures = || h.log().matches("creating an instance failed").count();
+    h.wait_for("a first failed create", Duration::from_secs(30), || failures() >= 1);
+    // Hold-offs of 1, 2 and 4 s: the fourth failure comes about 7 s after the first.
+    h.wait_for("the fourth failed create", Duration::from_secs(30), || failures() >= 4);
+    let calls = h.log().matches("probe create called").count();
+    assert_eq!(calls, failures(), "one warn line per hold-off, one per call");
+    assert!(calls <= 5, "{calls} create calls in ~7 s");
+    assert!(h.log().contains("holding off creates of this type for 4s"));
+    let c = h.client().get(&id).expect("get");
+    assert!(!c.state.is_final(), "{c:?}");
+    assert_eq!(c.dispatch_attempts, 0);
+    let why = c.scheduling_status.unwrap_or_default();
+    assert!(why.contains("probe cloud API is down"), "{why:?}");
 }

@@ -59,14 +59,13 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 async fn until_booted(exec: &Executor) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    eventually_async("the VM to boot", Duration::from_secs(10), || async {
         match exec.execute("true", b"").await {
-            Ok(out) if out.success() => return,
-            other if Instant::now() > deadline => panic!("VM never booted: {other:?}"),
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            Ok(out) if out.success() => Ok(()),
+            other => Err(format!("{other:?}")),
         }
-    }
+    })
+    .await
 }
 
 #[test]
@@ -296,14 +295,13 @@ fn an_unknown_client_key_is_refused() {
     let (_p, _e, set) = loopback_set(&cloud, "zzzzz-zzzzz-clientkey000000", "");
     let vm = create_vm(&set, &key(), None);
     runtime().block_on(async {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
+        eventually_async("a stranger's key refused", Duration::from_secs(10), || async {
             match executor(&vm, key()).execute("true", b"").await {
-                Err(SshError::AuthRefused { .. }) => return,
-                other if Instant::now() > deadline => panic!("stranger's key: {other:?}"),
-                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(SshError::AuthRefused { .. }) => Ok(()),
+                other => Err(format!("{other:?}")),
             }
-        }
+        })
+        .await
     });
 }
 
@@ -384,23 +382,20 @@ fn boot_delay_then_broken_then_crash_faults_happen_on_time() {
             "booted early"
         );
         let flag = "test -f \"$DISPATCH_CLOUD_VM_ROOT/var/lock/dispatch-cloud-runner-broken\"";
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let out = exec.execute(flag, b"").await.expect("flag check");
-            if out.success() {
-                break;
+        eventually_async("the VM to turn broken", Duration::from_secs(10), || async {
+            match exec.execute(flag, b"").await {
+                Ok(out) if out.success() => Ok(()),
+                other => Err(format!("{other:?}")),
             }
-            assert!(Instant::now() < deadline, "never turned broken");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if exec.execute("true", b"").await.is_err() {
-                break;
+        })
+        .await;
+        eventually_async("the VM to crash", Duration::from_secs(10), || async {
+            match exec.execute("true", b"").await {
+                Err(_) => Ok(()),
+                Ok(out) => Err(format!("still answering: {out:?}")),
             }
-            assert!(Instant::now() < deadline, "never crashed");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await;
     });
     // A crashed VM is still listed, as a cloud lists a stopped machine, until destroyed.
     assert_eq!(set.instances(&Tags::new()).expect("list").len(), 1);
@@ -425,14 +420,9 @@ fn destroying_a_vm_ends_the_processes_it_started() {
     });
     assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
     vm.destroy().expect("destroy");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+    eventually("the VM's process to end", Duration::from_secs(5), || {
         // A killed child may linger as a zombie of the daemon until reaped.
         let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if state.split_whitespace().nth(2) == Some("Z") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "process {pid} outlived its VM");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        state.is_empty() || state.split_whitespace().nth(2) == Some("Z")
+    });
 }

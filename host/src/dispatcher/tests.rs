@@ -670,6 +670,8 @@ async fn failing_creates_back_off() {
     let waiting = rig.container(&id);
     assert!(!waiting.state.is_final() && waiting.state != ContainerState::Running);
     assert_eq!(waiting.dispatch_attempts, 0);
+    let why = rig.handle.waiting().get(&id).cloned().unwrap_or_default();
+    assert!(why.contains("the API is down"), "{why:?}");
     // Once the cloud recovers, the container runs (the hold-off has grown to 32 s or 64 s).
     rig.cloud.fail_creates.store(false, Ordering::SeqCst);
     rig.eventually("Running", 2 * MINUTE, || {

@@ -358,13 +358,18 @@ impl Pool {
                 log::info!("type={} create refused: {e}", p.type_name);
             }
             Err(CreateError::Driver(e)) => {
-                let delay = self.backoff.failed(&p.type_name, now);
+                let delay = self.backoff.failed(&p.type_name, &e.to_string(), now);
                 log::warn!(
                     "type={} creating an instance failed: {e}; holding off creates of this type for {delay:?}",
                     p.type_name
                 );
             }
         }
+    }
+
+    /// Why creates of this type are held after failures, while they are.
+    pub fn create_trouble(&self, type_name: &str, now: Instant) -> Option<String> {
+        self.backoff.trouble(type_name, now)
     }
 
     /// Creates of this type are backed off after failures.

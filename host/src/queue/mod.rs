@@ -119,6 +119,10 @@ pub struct Container {
     pub runtime_error: Option<String>,
     /// Directory holding `stdout` and `stderr` once the result is recorded.
     pub log_dir: Option<String>,
+    /// Why a waiting container has not started, as the dispatcher saw it at its last pass.
+    /// Not stored: the API fills it in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduling_status: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -100,6 +100,7 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Container> {
         exit_code: row.get("exit_code")?,
         runtime_error: row.get("runtime_error")?,
         log_dir: row.get("log_dir")?,
+        scheduling_status: None,
     })
 }
 

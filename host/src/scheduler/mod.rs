@@ -8,6 +8,7 @@
 
 pub mod outcome;
 pub mod plan;
+pub mod status;
 
 pub use outcome::{outcome, Outcome};
 pub use plan::{plan, Action, PlanInput, RunnerSeen, SlotId, WorkerSlot, WorkerStatus};

@@ -718,6 +718,7 @@ mod tests {
             exit_code: None,
             runtime_error: None,
             log_dir: None,
+            scheduling_status: None,
         }
     }
 

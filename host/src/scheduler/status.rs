@@ -1,0 +1,42 @@
+//! Why a container waits, in words an operator can act on.
+
+use driver_abi::InstanceType;
+
+use super::plan::eligible_types;
+use crate::queue::Container;
+
+/// What stands between waiting containers and a VM, as seen at one pass.
+pub struct Pressure<'a> {
+    pub types: &'a [InstanceType],
+    pub maximum_price_factor: f64,
+    pub quota_headroom: usize,
+    pub creates_allowed: usize,
+    /// Provider types in a capacity hold-off.
+    pub at_capacity: &'a dyn Fn(&InstanceType) -> bool,
+    /// A hold-off after failing creates of this (config) type, in words.
+    pub create_trouble: &'a dyn Fn(&InstanceType) -> Option<String>,
+}
+
+/// The first thing that keeps `c` (queued or locked, not started) from running.
+pub fn waiting_reason(c: &Container, p: &Pressure<'_>) -> String {
+    if c.priority < 1 {
+        return "priority 0: held".into();
+    }
+    let eligible = eligible_types(&c.runtime_constraints, p.types, p.maximum_price_factor);
+    let Some(cheapest) = eligible.first() else {
+        return "no instance type fits".into();
+    };
+    if let Some(trouble) = eligible.iter().find_map(|t| (p.create_trouble)(t)) {
+        return trouble;
+    }
+    if p.quota_headroom == 0 {
+        return "over quota: waiting for an instance to be freed".into();
+    }
+    if eligible.iter().all(|t| (p.at_capacity)(t)) {
+        return format!("no cloud capacity for type {} (held off)", cheapest.name);
+    }
+    if p.creates_allowed == 0 {
+        return "creates are rate limited".into();
+    }
+    format!("waiting for a VM of type {} to boot", cheapest.name)
+}
