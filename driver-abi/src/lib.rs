@@ -48,7 +48,8 @@ pub mod types;
 pub use error::{CapacityScope, DriverError};
 pub use types::{CreateRequest, InstancePrice, InstanceSetId, InstanceType, Tags};
 
-/// Re-exported so [`export_driver!`] works without the plugin depending on abi_stable itself.
+/// Re-exported for [`export_driver!`]'s own paths. A plugin must still list `abi_stable` as a
+/// dependency: abi_stable's export attribute names `::abi_stable` directly (see the guide).
 #[doc(hidden)]
 pub use abi_stable;
 

@@ -333,15 +333,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "ID", "STATE", "PRIO", "EXIT", "TYPE", "INSTANCE"
                 );
                 for c in list {
+                    // A waiting container says why instead of where it ran.
+                    let waiting = c.scheduling_status.map(|s| format!("  [{s}]"));
                     println!(
-                        "{:<27} {:<9} {:>4} {:>4} {:<8} {:<12} {}",
+                        "{:<27} {:<9} {:>4} {:>4} {:<8} {:<12} {}{}",
                         c.id,
                         c.state.as_str(),
                         c.priority,
                         c.exit_code.map(|e| e.to_string()).unwrap_or_default(),
                         c.instance_type.unwrap_or_default(),
                         c.instance_id.unwrap_or_default(),
-                        c.command.join(" ")
+                        c.command.join(" "),
+                        waiting.unwrap_or_default()
                     );
                 }
             }

@@ -300,15 +300,13 @@ fn booted(status: &WorkerStatus) -> bool {
 /// One pass: the syncer's reconciliations first, then the mapper.
 pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
     let mut actions = Vec::new();
-    let by_name: HashMap<&str, usize> = input
-        .types
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.name.as_str(), i))
-        .collect();
-    let queue_ids: HashSet<&str> = input.containers.iter().map(|c| c.id.as_str()).collect();
+    sync(input, &mut actions);
+    map(input, &mut actions);
+    actions
+}
 
-    // Syncer: reconcile each container with its runner.
+/// The syncer: reconciles each container with what its runner reports (reference §1.2).
+fn sync(input: &PlanInput<'_>, actions: &mut Vec<Action>) {
     let any_unknown = input
         .workers
         .iter()
@@ -377,6 +375,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
         }
     }
     // Runners of containers the queue does not know at all.
+    let queue_ids: HashSet<&str> = input.containers.iter().map(|c| c.id.as_str()).collect();
     let mut strays: Vec<(&String, &RunnerSeen)> = input
         .runners
         .iter()
@@ -397,7 +396,18 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
         });
     }
 
-    // Mapper: capacity left on each worker.
+}
+
+/// The mapper: orders waiting containers and gives each a worker, a new VM, or a reason to
+/// wait (reference §3).
+fn map(input: &PlanInput<'_>, actions: &mut Vec<Action>) {
+    let by_name: HashMap<&str, usize> = input
+        .types
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_str(), i))
+        .collect();
+    // Capacity left on each worker.
     let mut slots: Vec<Slot<'_>> = input
         .workers
         .iter()
@@ -462,7 +472,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
     if !input.pool_recovered {
         // A locked container may be running on a worker not yet probed; starting it elsewhere
         // could run it twice. Wait (the stale-lock fixer's rule).
-        return actions;
+        return;
     }
 
     // Per type, the workers that may still take work, kept in preference order: busiest first
@@ -598,7 +608,7 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
     }
 
     if !overquota.is_empty() {
-        release_overtaken_locks(&overquota, &mut actions);
+        release_overtaken_locks(&overquota, actions);
         // Free quota held by idle instances nothing is mapped to.
         for s in &slots {
             if let SlotId::Instance(worker) = &s.worker.id {
@@ -613,7 +623,6 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
             }
         }
     }
-    actions
 }
 
 /// Over quota, a locked container keeps its lock while it stays next in line; it lets go only
