@@ -114,7 +114,10 @@ impl CloudOps {
     pub fn quota_headroom(&self, instances_incl_pending: usize) -> usize {
         let mut headroom = usize::MAX;
         if self.policy.max_instances > 0 {
-            headroom = self.policy.max_instances.saturating_sub(instances_incl_pending);
+            headroom = self
+                .policy
+                .max_instances
+                .saturating_sub(instances_incl_pending);
         }
         let st = self.state();
         if st.quota_until.is_some_and(|t| Instant::now() < t) {
@@ -137,7 +140,11 @@ impl CloudOps {
     pub fn at_capacity(&self, t: &InstanceType) -> bool {
         let now = Instant::now();
         let st = self.state();
-        let group = self.quota_groups.get(&type_key(t)).cloned().unwrap_or_default();
+        let group = self
+            .quota_groups
+            .get(&type_key(t))
+            .cloned()
+            .unwrap_or_default();
         [type_key(t), format!("group:{group}"), String::new()]
             .iter()
             .any(|k| st.capacity_until.get(k).is_some_and(|until| now < *until))

@@ -22,9 +22,9 @@ use crate::pool::{
     state, Cloud, CreateError, Effect, Exec, ExecFactory, InstanceView, Listed, Pool, PoolConfig,
     ProbeJob, ProbeReport,
 };
+use crate::queue::ContainerState;
 use crate::queue::{Container, Queue, QueueError};
 use crate::runner::ContainerSpec;
-use crate::queue::ContainerState;
 use crate::scheduler::status::{waiting_reason, Pressure};
 use crate::scheduler::{outcome, plan, Action, Outcome, PlanInput};
 
@@ -270,7 +270,8 @@ impl Dispatcher {
                 match result {
                     Ok(Some(list)) => {
                         let effects = self.pool.apply_listing(list, launched, now);
-                        self.cloud.observe_instance_count(self.pool.instance_count());
+                        self.cloud
+                            .observe_instance_count(self.pool.instance_count());
                         self.execute(effects);
                     }
                     Ok(None) => log::debug!("Listing held off by a rate limit."),
@@ -338,17 +339,19 @@ impl Dispatcher {
     ) {
         self.busy.remove(&container);
         match self.pool.apply_started(&container, &worker, &result, now) {
-            Some(type_name) => match self
-                .queue
-                .set_running(&container, &worker, type_name.as_deref())
-            {
-                Ok(()) => {
-                    log::info!("container={container} instance={worker} from=Locked to=Running")
+            Some(type_name) => {
+                match self
+                    .queue
+                    .set_running(&container, &worker, type_name.as_deref())
+                {
+                    Ok(()) => {
+                        log::info!("container={container} instance={worker} from=Locked to=Running")
+                    }
+                    Err(e) => {
+                        log::warn!("container={container} started, but recording it failed: {e}")
+                    }
                 }
-                Err(e) => {
-                    log::warn!("container={container} started, but recording it failed: {e}")
-                }
-            },
+            }
             None => {
                 if let Err(e) = result {
                     log::warn!(
@@ -590,9 +593,7 @@ impl Dispatcher {
                 Ok(()) => log::info!("container={container} to=Cancelled reason={reason:?}"),
                 Err(e) => log::debug!("container={container} cancel: {e}"),
             },
-            Action::AttemptFailed { container, reason } => {
-                self.attempt_failed(&container, &reason)
-            }
+            Action::AttemptFailed { container, reason } => self.attempt_failed(&container, &reason),
             Action::Adopt { container, worker } => {
                 let type_name = self.pool.type_of(&worker).map(str::to_string);
                 match self
@@ -621,8 +622,7 @@ impl Dispatcher {
                 }
             }
             Action::Finalize { container, worker } => {
-                if let (Some(c), false) = (by_id.get(&container), self.held_back(&container, now))
-                {
+                if let (Some(c), false) = (by_id.get(&container), self.held_back(&container, now)) {
                     self.finalize(c.clone(), &worker);
                 }
             }
@@ -649,9 +649,9 @@ impl Dispatcher {
             .queue
             .attempt_failed(container, reason, self.settings.max_dispatch_attempts)
         {
-            Ok(to) => log::warn!(
-                "container={container} to={to:?} dispatch attempt failed: {reason}"
-            ),
+            Ok(to) => {
+                log::warn!("container={container} to={to:?} dispatch attempt failed: {reason}")
+            }
             Err(e) => log::debug!("container={container} attempt not recorded: {e}"),
         }
     }
@@ -767,8 +767,7 @@ impl Dispatcher {
         let Some((exec, sudo)) = self.pool.remote(worker) else {
             return;
         };
-        self.kills
-            .insert(container.to_string(), worker.to_string());
+        self.kills.insert(container.to_string(), worker.to_string());
         log::info!("container={container} instance={worker} sending SIGTERM");
         let binary = self.binary.clone();
         let id = container.to_string();

@@ -147,7 +147,7 @@ impl Executor {
         }
         let handle = {
             let mut guard = self.connection.lock().await;
-            match usable(&*guard) {
+            match usable(&guard) {
                 Some(h) => h,
                 None => {
                     if let Some((old, stale)) = guard.take() {
@@ -362,10 +362,7 @@ pub struct ListedTarget {
 
 impl ListedTarget {
     fn endpoint(&self) -> Endpoint {
-        self.endpoint
-            .lock()
-            .map(|e| e.clone())
-            .unwrap_or_default()
+        self.endpoint.lock().map(|e| e.clone()).unwrap_or_default()
     }
 }
 

@@ -72,7 +72,10 @@ pub fn text(bytes: &[u8]) -> String {
 pub fn eventually(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -357,7 +360,10 @@ impl ServeHarness {
             (Some(path), _) => format!("runner_path = {:?}\n", path.display().to_string()),
             (None, true) => String::new(),
             (None, false) => {
-                format!("runner_path = {:?}\n", built("dispatch-cloud").display().to_string())
+                format!(
+                    "runner_path = {:?}\n",
+                    built("dispatch-cloud").display().to_string()
+                )
             }
         };
         let fast = FAST_CLUSTER_CONFIG
@@ -423,14 +429,19 @@ impl ServeHarness {
             .expect("start serve");
         self.child = Some(child);
         let log_path = self.dir.path().join("serve.log");
-        eventually("serve to write its address", Duration::from_secs(30), || {
-            match std::fs::read_to_string(&address_file) {
+        eventually(
+            "serve to write its address",
+            Duration::from_secs(30),
+            || match std::fs::read_to_string(&address_file) {
                 Ok(a) if !a.trim().is_empty() => {
                     self.url = format!("http://{}", a.trim());
                     true
                 }
                 _ => {
-                    let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                    let exited = self
+                        .child
+                        .as_mut()
+                        .and_then(|c| c.try_wait().ok().flatten());
                     assert!(
                         exited.is_none(),
                         "serve exited ({exited:?}); log:\n{}",
@@ -438,8 +449,8 @@ impl ServeHarness {
                     );
                     false
                 }
-            }
-        });
+            },
+        );
         eventually("serve's API to answer", Duration::from_secs(30), || {
             self.client().list().is_ok()
         });

@@ -478,7 +478,14 @@ fn cloud_pressure_never_costs_attempts_and_real_start_failures_do() {
         let vcpus = if i % 10 == 0 { 3 } else { 1 };
         let c = h
             .client()
-            .submit(&job(&runs, &format!("p{i}"), vcpus, 256 * MIB, 1 + (i % 3) as i64, "true"))
+            .submit(&job(
+                &runs,
+                &format!("p{i}"),
+                vcpus,
+                256 * MIB,
+                1 + (i % 3) as i64,
+                "true",
+            ))
             .expect("submit");
         ids.push(c.id);
     }
@@ -486,11 +493,16 @@ fn cloud_pressure_never_costs_attempts_and_real_start_failures_do() {
     refused.env.insert("MARK".into(), "REFUSE_START".into());
     let refused = h.client().submit(&refused).expect("submit").id;
     ids.push(refused.clone());
-    h.wait_for("all 201 containers to end", Duration::from_secs(300), || {
-        all_final(&h, &ids)
-    });
+    h.wait_for(
+        "all 201 containers to end",
+        Duration::from_secs(300),
+        || all_final(&h, &ids),
+    );
     let list = h.client().list().expect("list");
-    for c in list.iter().filter(|c| ids.contains(&c.id) && c.id != refused) {
+    for c in list
+        .iter()
+        .filter(|c| ids.contains(&c.id) && c.id != refused)
+    {
         assert_eq!(c.state, ContainerState::Complete, "{c:?}");
         assert_eq!(c.dispatch_attempts, 0, "an attempt it never made: {c:?}");
     }
@@ -510,7 +522,10 @@ fn cloud_pressure_never_costs_attempts_and_real_start_failures_do() {
     assert_eq!(counts.get("refused"), None, "it never ran");
     let log = h.log();
     for fault in ["quota exceeded", "no capacity", "rate limited"] {
-        assert!(log.contains(fault), "the fault {fault:?} never showed in the log");
+        assert!(
+            log.contains(fault),
+            "the fault {fault:?} never showed in the log"
+        );
     }
     wait_until_nothing_left(&h);
 }
@@ -531,11 +546,19 @@ fn a_driver_whose_creates_fail_is_called_rarely_and_the_reason_shows() {
         .expect("submit")
         .id;
     let failures = || h.log().matches("creating an instance failed").count();
-    h.wait_for("a first failed create", Duration::from_secs(30), || failures() >= 1);
+    h.wait_for("a first failed create", Duration::from_secs(30), || {
+        failures() >= 1
+    });
     // Hold-offs of 1, 2 and 4 s: the fourth failure comes about 7 s after the first.
-    h.wait_for("the fourth failed create", Duration::from_secs(30), || failures() >= 4);
+    h.wait_for("the fourth failed create", Duration::from_secs(30), || {
+        failures() >= 4
+    });
     let calls = h.log().matches("probe create called").count();
-    assert_eq!(calls, failures(), "one warn line per hold-off, one per call");
+    assert_eq!(
+        calls,
+        failures(),
+        "one warn line per hold-off, one per call"
+    );
     assert!(calls <= 5, "{calls} create calls in ~7 s");
     assert!(h.log().contains("holding off creates of this type for 4s"));
     let c = h.client().get(&id).expect("get");

@@ -295,12 +295,16 @@ fn an_unknown_client_key_is_refused() {
     let (_p, _e, set) = loopback_set(&cloud, "zzzzz-zzzzz-clientkey000000", "");
     let vm = create_vm(&set, &key(), None);
     runtime().block_on(async {
-        eventually_async("a stranger's key refused", Duration::from_secs(10), || async {
-            match executor(&vm, key()).execute("true", b"").await {
-                Err(SshError::AuthRefused { .. }) => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        })
+        eventually_async(
+            "a stranger's key refused",
+            Duration::from_secs(10),
+            || async {
+                match executor(&vm, key()).execute("true", b"").await {
+                    Err(SshError::AuthRefused { .. }) => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            },
+        )
         .await
     });
 }

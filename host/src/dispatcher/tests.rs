@@ -99,7 +99,12 @@ struct FakeCloud {
 
 impl FakeCloud {
     fn ids(&self) -> Vec<String> {
-        self.instances.lock().expect("cloud").keys().cloned().collect()
+        self.instances
+            .lock()
+            .expect("cloud")
+            .keys()
+            .cloned()
+            .collect()
     }
 
     fn address_of(&self, id: &str) -> String {
@@ -119,7 +124,11 @@ impl Cloud for FakeCloud {
         Box::pin(async move { Ok(Some(list)) })
     }
 
-    fn create(&self, request: CreateRequest, _: usize) -> BoxFuture<'_, Result<Listed, CreateError>> {
+    fn create(
+        &self,
+        request: CreateRequest,
+        _: usize,
+    ) -> BoxFuture<'_, Result<Listed, CreateError>> {
         let n = self.creates.fetch_add(1, Ordering::SeqCst);
         let result = if self.fail_creates.load(Ordering::SeqCst) {
             Err(CreateError::Driver(DriverError::other("the API is down")))
@@ -354,9 +363,8 @@ impl Rig {
             ..FakeCloud::default()
         });
         setup(&cloud);
-        let queue = Arc::new(
-            SqliteQueue::open(&dir.path().join("queue.sqlite"), "zzzzz").expect("queue"),
-        );
+        let queue =
+            Arc::new(SqliteQueue::open(&dir.path().join("queue.sqlite"), "zzzzz").expect("queue"));
         let dispatcher = Dispatcher::new(
             &config,
             queue.clone(),
@@ -441,12 +449,17 @@ const MINUTE: Duration = Duration::from_secs(60);
 async fn a_start_is_recorded_running_and_its_result_complete() {
     let rig = Rig::start();
     let id = rig.submit();
-    rig.eventually("Running", MINUTE, || rig.state(&id) == ContainerState::Running)
-        .await;
+    rig.eventually("Running", MINUTE, || {
+        rig.state(&id) == ContainerState::Running
+    })
+    .await;
     let vm = rig.vm_of(&id);
-    rig.world.with_vm(&vm, |vm| vm.runs.insert(id.clone(), Some(7)));
-    rig.eventually("Complete", MINUTE, || rig.state(&id) == ContainerState::Complete)
-        .await;
+    rig.world
+        .with_vm(&vm, |vm| vm.runs.insert(id.clone(), Some(7)));
+    rig.eventually("Complete", MINUTE, || {
+        rig.state(&id) == ContainerState::Complete
+    })
+    .await;
     let c = rig.container(&id);
     assert_eq!(c.exit_code, Some(7));
     let log = std::path::Path::new(c.log_dir.as_deref().expect("log dir")).join("stdout");
@@ -458,7 +471,11 @@ async fn a_start_is_recorded_running_and_its_result_complete() {
         rig.world.with_vm(&vm, |vm| vm.runs.is_empty()) == Some(true)
     })
     .await;
-    assert_eq!(rig.world.commands_to(&vm, "runner start"), 1, "started once");
+    assert_eq!(
+        rig.world.commands_to(&vm, "runner start"),
+        1,
+        "started once"
+    );
     rig.stop().await;
 }
 
@@ -466,8 +483,10 @@ async fn a_start_is_recorded_running_and_its_result_complete() {
 async fn cancel_sends_sigterm_and_a_runner_ignoring_it_drains_its_vm() {
     let rig = Rig::start();
     let id = rig.submit();
-    rig.eventually("Running", MINUTE, || rig.state(&id) == ContainerState::Running)
-        .await;
+    rig.eventually("Running", MINUTE, || {
+        rig.state(&id) == ContainerState::Running
+    })
+    .await;
     let vm = rig.vm_of(&id);
     rig.world.with_vm(&vm, |vm| vm.ignore_sigterm = true);
     rig.queue.cancel(&id, "user asked").expect("cancel");
@@ -482,12 +501,19 @@ async fn cancel_sends_sigterm_and_a_runner_ignoring_it_drains_its_vm() {
     })
     .await;
     let waited = Instant::now() - cancelled_at;
-    assert!(waited >= Duration::from_secs(10), "gave up after {waited:?}, before term");
+    assert!(
+        waited >= Duration::from_secs(10),
+        "gave up after {waited:?}, before term"
+    );
     assert!(
         rig.world.commands_to(&vm, "runner kill 15") >= 5,
         "SIGTERM repeated every second"
     );
-    assert_eq!(rig.world.commands_to(&vm, "runner kill 9"), 0, "never SIGKILL");
+    assert_eq!(
+        rig.world.commands_to(&vm, "runner kill 9"),
+        0,
+        "never SIGKILL"
+    );
     assert_eq!(rig.state(&id), ContainerState::Cancelled);
     rig.stop().await;
 }
@@ -496,10 +522,13 @@ async fn cancel_sends_sigterm_and_a_runner_ignoring_it_drains_its_vm() {
 async fn a_failed_destroy_is_retried() {
     let rig = Rig::start_with(|c| c.destroy_failures_left.store(2, Ordering::SeqCst));
     let id = rig.submit();
-    rig.eventually("Running", MINUTE, || rig.state(&id) == ContainerState::Running)
-        .await;
+    rig.eventually("Running", MINUTE, || {
+        rig.state(&id) == ContainerState::Running
+    })
+    .await;
     let vm = rig.vm_of(&id);
-    rig.world.with_vm(&vm, |vm| vm.runs.insert(id.clone(), Some(0)));
+    rig.world
+        .with_vm(&vm, |vm| vm.runs.insert(id.clone(), Some(0)));
     rig.eventually("the idle VM destroyed", 3 * MINUTE, || {
         rig.cloud.ids().is_empty()
     })
@@ -512,8 +541,10 @@ async fn a_failed_destroy_is_retried() {
 async fn an_instance_gone_from_the_listing_has_its_container_requeued() {
     let rig = Rig::start();
     let id = rig.submit();
-    rig.eventually("Running", MINUTE, || rig.state(&id) == ContainerState::Running)
-        .await;
+    rig.eventually("Running", MINUTE, || {
+        rig.state(&id) == ContainerState::Running
+    })
+    .await;
     let first = rig.container(&id).instance_id.expect("instance");
     // The VM vanishes behind the dispatcher's back.
     rig.cloud.instances.lock().expect("cloud").remove(&first);
@@ -577,8 +608,10 @@ async fn a_vm_that_never_answers_is_shut_down_at_the_boot_timeout() {
 async fn a_vm_that_stops_answering_is_shut_down_at_the_probe_timeout() {
     let rig = Rig::start();
     let id = rig.submit();
-    rig.eventually("Running", MINUTE, || rig.state(&id) == ContainerState::Running)
-        .await;
+    rig.eventually("Running", MINUTE, || {
+        rig.state(&id) == ContainerState::Running
+    })
+    .await;
     let vm = rig.vm_of(&id);
     let instance = rig.container(&id).instance_id.expect("instance");
     rig.world.vms.lock().expect("world").remove(&vm);
@@ -599,12 +632,17 @@ async fn a_vm_that_stops_answering_is_shut_down_at_the_probe_timeout() {
 async fn an_idle_vm_is_shut_down_after_the_idle_timeout_and_not_before() {
     let rig = Rig::start();
     let id = rig.submit();
-    rig.eventually("Running", MINUTE, || rig.state(&id) == ContainerState::Running)
-        .await;
+    rig.eventually("Running", MINUTE, || {
+        rig.state(&id) == ContainerState::Running
+    })
+    .await;
     let vm = rig.vm_of(&id);
-    rig.world.with_vm(&vm, |vm| vm.runs.insert(id.clone(), Some(0)));
-    rig.eventually("Complete", MINUTE, || rig.state(&id) == ContainerState::Complete)
-        .await;
+    rig.world
+        .with_vm(&vm, |vm| vm.runs.insert(id.clone(), Some(0)));
+    rig.eventually("Complete", MINUTE, || {
+        rig.state(&id) == ContainerState::Complete
+    })
+    .await;
     let idle_since = Instant::now();
     rig.eventually("the idle VM destroyed", 3 * MINUTE, || {
         rig.cloud.ids().is_empty()
@@ -622,8 +660,10 @@ async fn an_idle_vm_is_shut_down_after_the_idle_timeout_and_not_before() {
 async fn an_address_change_at_a_listing_retargets_the_executor() {
     let rig = Rig::start();
     let id = rig.submit();
-    rig.eventually("Running", MINUTE, || rig.state(&id) == ContainerState::Running)
-        .await;
+    rig.eventually("Running", MINUTE, || {
+        rig.state(&id) == ContainerState::Running
+    })
+    .await;
     let old = rig.vm_of(&id);
     let instance = rig.container(&id).instance_id.expect("instance");
     // The cloud moves the VM (a new private IP after a host migration, say).
@@ -654,8 +694,10 @@ async fn an_address_change_at_a_listing_retargets_the_executor() {
     // Its container finishes there and is recorded.
     rig.world
         .with_vm("vm-moved", |vm| vm.runs.insert(id.clone(), Some(0)));
-    rig.eventually("Complete", MINUTE, || rig.state(&id) == ContainerState::Complete)
-        .await;
+    rig.eventually("Complete", MINUTE, || {
+        rig.state(&id) == ContainerState::Complete
+    })
+    .await;
     rig.stop().await;
 }
 

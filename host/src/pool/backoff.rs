@@ -23,8 +23,10 @@ impl CreateBackoff {
             Some((previous, _, _)) => (*previous * 2).min(MAX_DELAY),
             None => FIRST_DELAY,
         };
-        self.held
-            .insert(type_name.to_string(), (delay, now + delay, error.to_string()));
+        self.held.insert(
+            type_name.to_string(),
+            (delay, now + delay, error.to_string()),
+        );
         delay
     }
 
@@ -66,7 +68,9 @@ mod tests {
     fn delays_double_to_the_cap_and_reset_on_success() {
         let now = Instant::now();
         let mut b = CreateBackoff::default();
-        let delays: Vec<u64> = (0..10).map(|_| b.failed("small", "down", now).as_secs()).collect();
+        let delays: Vec<u64> = (0..10)
+            .map(|_| b.failed("small", "down", now).as_secs())
+            .collect();
         assert_eq!(delays, vec![1, 2, 4, 8, 16, 32, 64, 128, 180, 180]);
         assert!(b.held("small", now) && !b.held("large", now));
         assert!(b.trouble("small", now).is_some_and(|t| t.contains("down")));

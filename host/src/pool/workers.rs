@@ -379,8 +379,7 @@ impl Pool {
 
     /// Probes due now, paced by `max_probes_per_second`; each is marked in flight.
     pub fn due_probes(&mut self, now: Instant) -> Vec<ProbeJob> {
-        let pace =
-            Duration::from_secs_f64(1.0 / self.config.max_probes_per_second.max(0.001));
+        let pace = Duration::from_secs_f64(1.0 / self.config.max_probes_per_second.max(0.001));
         let mut due: Vec<&String> = self
             .workers
             .iter()
@@ -644,8 +643,7 @@ impl Pool {
         match result {
             Ok(()) => Some(w.type_name.clone()),
             Err(e) => {
-                w.failed_starts
-                    .insert(container.to_string(), e.to_string());
+                w.failed_starts.insert(container.to_string(), e.to_string());
                 None
             }
         }

@@ -450,7 +450,10 @@ mod tests {
             reason.contains("3 failed dispatch attempts") && reason.contains("runner start"),
             "{reason}"
         );
-        assert!(q.attempt_failed(&c.id, "late", 3).is_err(), "final state changed");
+        assert!(
+            q.attempt_failed(&c.id, "late", 3).is_err(),
+            "final state changed"
+        );
     }
 
     #[test]

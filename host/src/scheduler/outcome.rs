@@ -23,4 +23,3 @@ pub fn outcome(c: &Container, exit_code: i32) -> Outcome {
         Outcome::Complete
     }
 }
-

@@ -395,7 +395,6 @@ fn sync(input: &PlanInput<'_>, actions: &mut Vec<Action>) {
             },
         });
     }
-
 }
 
 /// The mapper: orders waiting containers and gives each a worker, a new VM, or a reason to
@@ -1124,8 +1123,9 @@ mod tests {
     #[test]
     fn waiting_locks_do_not_flap_under_cloud_pressure() {
         let types = types();
-        let mut containers: Vec<Container> =
-            (0..10).map(|i| c(&format!("c{i:02}"), Queued, 1, 2, 1)).collect();
+        let mut containers: Vec<Container> = (0..10)
+            .map(|i| c(&format!("c{i:02}"), Queued, 1, 2, 1))
+            .collect();
         let mut locks: HashMap<String, usize> = HashMap::default();
         let mut unlocks = 0;
         let no_capacity = HashSet::default();
