@@ -51,11 +51,15 @@ pub struct CloudOps {
     state: Mutex<State>,
 }
 
+/// The shortest hold-off after a rate limit or capacity error: a retry time already past (or
+/// a zero hold-off in the config) must not let the next pass call the cloud at once again.
+const MIN_HOLDOFF: Duration = Duration::from_secs(1);
+
 fn until(t: SystemTime) -> Instant {
     let wait = t
         .duration_since(SystemTime::now())
         .unwrap_or(Duration::ZERO);
-    Instant::now() + wait
+    Instant::now() + wait.max(MIN_HOLDOFF)
 }
 
 fn type_key(t: &InstanceType) -> String {
@@ -228,7 +232,7 @@ impl CloudOps {
                             CapacityScope::All => String::new(),
                         };
                         st.capacity_until
-                            .insert(key, now + self.policy.capacity_holdoff);
+                            .insert(key, now + self.policy.capacity_holdoff.max(MIN_HOLDOFF));
                     }
                     _ => {}
                 }

@@ -20,7 +20,7 @@ use crate::config::ClusterConfig;
 use crate::pool::probe::{boot_probe, Remote, RemoteError, RunnerBinary};
 use crate::pool::{
     state, Cloud, CreateError, Effect, Exec, ExecFactory, InstanceView, Listed, Pool, PoolConfig,
-    ProbeJob, ProbeReport,
+    ProbeJob, ProbeReport, Started,
 };
 use crate::queue::ContainerState;
 use crate::queue::{Container, Queue, QueueError};
@@ -231,7 +231,11 @@ impl Dispatcher {
         for exec in self.pool.executors() {
             exec.close().await;
         }
-        self.cloud.stop();
+        // `stop` is a driver call: off the event loop, like every other.
+        let cloud = Arc::clone(&self.cloud);
+        if let Err(e) = tokio::task::spawn_blocking(move || cloud.stop()).await {
+            log::warn!("Stopping the instance set failed: {e}");
+        }
         log::info!("Dispatcher stopped; VMs stay up and are adopted at the next start.");
     }
 
@@ -246,6 +250,9 @@ impl Dispatcher {
         }
         if let Some(t) = self.cloud.next_holdoff_end() {
             at = at.min(t);
+        }
+        if let Some(t) = self.retry_at.values().filter(|t| **t > now).min() {
+            at = at.min(*t);
         }
         at.max(now + Duration::from_millis(1))
     }
@@ -339,10 +346,10 @@ impl Dispatcher {
     ) {
         self.busy.remove(&container);
         match self.pool.apply_started(&container, &worker, &result, now) {
-            Some(type_name) => {
+            Started::Running { instance_type } => {
                 match self
                     .queue
-                    .set_running(&container, &worker, type_name.as_deref())
+                    .set_running(&container, &worker, instance_type.as_deref())
                 {
                     Ok(()) => {
                         log::info!("container={container} instance={worker} from=Locked to=Running")
@@ -352,12 +359,15 @@ impl Dispatcher {
                     }
                 }
             }
-            None => {
+            Started::Unconfirmed => {
                 if let Err(e) = result {
                     log::warn!(
                         "container={container} instance={worker} start failed: {e}; the next probe tells whether it runs"
                     );
                 }
+            }
+            Started::WorkerGone => {
+                self.attempt_failed(&container, &format!("{worker} went away during the start"))
             }
         }
     }
@@ -600,9 +610,9 @@ impl Dispatcher {
                     .queue
                     .set_running(&container, &worker, type_name.as_deref())
                 {
-                    Ok(()) => log::info!(
-                        "container={container} instance={worker} from=Locked to=Running (adopted)"
-                    ),
+                    Ok(()) => {
+                        log::info!("container={container} instance={worker} to=Running (adopted)")
+                    }
                     Err(e) => log::debug!("container={container} adopt: {e}"),
                 }
             }

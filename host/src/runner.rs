@@ -125,6 +125,9 @@ pub fn main(args: &[String]) -> anyhow::Result<i32> {
     }
 }
 
+/// How long `start` waits for the supervisor to take its lock.
+const SUPERVISOR_START_LIMIT: Duration = Duration::from_secs(10);
+
 /// Reads the spec on stdin, creates the run directory and detaches a supervisor. Exits 0 once
 /// the supervisor holds the lock, or at once if this ID was started before (never twice).
 fn start() -> anyhow::Result<i32> {
@@ -166,7 +169,7 @@ fn start() -> anyhow::Result<i32> {
         });
     }
     supervisor.spawn().context("runner start: supervisor")?;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + SUPERVISOR_START_LIMIT;
     while !dir.join("pid").exists() && !dir.join("exit.json").exists() {
         if Instant::now() > deadline {
             bail!("runner start: supervisor of {} did not start", spec.id);
@@ -280,8 +283,13 @@ fn entry(dir: &Path, id: &str) -> RunEntry {
     }
     let held = match File::open(dir.join("lock")) {
         Ok(f) => f.try_lock().is_err(),
-        // No lock file yet: the supervisor is still starting.
-        Err(_) => true,
+        // No lock file: the supervisor is still starting, unless the directory is older than
+        // any start takes (`start` gives up after 10 s) — then no supervisor ever came.
+        Err(_) => std::fs::metadata(dir)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_none_or(|age| age < SUPERVISOR_START_LIMIT + Duration::from_secs(5)),
     };
     // The supervisor may have written exit.json between the two checks.
     if let Some(exit) = read_exit(dir) {
@@ -308,8 +316,12 @@ fn list() -> anyhow::Result<RunList> {
         broken: vm_root().join(BROKEN_FLAG).exists(),
     };
     let runs = runs_dir();
-    let Ok(dirs) = std::fs::read_dir(&runs) else {
-        return Ok(out);
+    let dirs = match std::fs::read_dir(&runs) {
+        Ok(dirs) => dirs,
+        // Nothing ever ran here.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        // An unreadable directory must not look like "nothing runs" to the host.
+        Err(e) => return Err(e).with_context(|| format!("runner list: {}", runs.display())),
     };
     for d in dirs.flatten() {
         let Some(id) = d.file_name().to_str().map(String::from) else {

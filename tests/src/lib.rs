@@ -519,44 +519,40 @@ impl MotoServer {
             "{} is missing: run the README's test command, which installs moto into .venv/",
             program.display()
         );
-        // Tests run in parallel: a port picked free may be taken by another test's moto
-        // before ours binds it. Ours then exits at once; try another port.
-        for _ in 0..10 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("free port")
-                .port();
-            let mut child = Command::new(&program)
-                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("start moto_server");
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-            let mut up = false;
-            while std::time::Instant::now() < deadline {
-                if child.try_wait().ok().flatten().is_some() {
-                    break;
+        // Port 0: moto binds a free port itself and prints it, so parallel tests never race.
+        let mut child = Command::new(&program)
+            .args(["-H", "127.0.0.1", "-p", "0"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start moto_server");
+        let stderr = child.stderr.take().expect("moto stderr");
+        let (port_tx, port_rx) = std::sync::mpsc::channel();
+        // Reads the port from the start-up banner, then keeps draining the request log so
+        // moto never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(port) = line
+                    .split("Running on http://127.0.0.1:")
+                    .nth(1)
+                    .and_then(|p| p.trim().parse::<u16>().ok())
+                {
+                    let _ = port_tx.send(port);
                 }
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    // Still ours a moment later, not another test's server on the same port.
-                    std::thread::sleep(std::time::Duration::from_millis(200));
-                    up = child.try_wait().ok().flatten().is_none();
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(100));
             }
-            if up {
-                return MotoServer {
-                    child,
-                    endpoint: format!("http://127.0.0.1:{port}/"),
-                };
+        });
+        match port_rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(port) => MotoServer {
+                child,
+                endpoint: format!("http://127.0.0.1:{port}/"),
+            },
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("moto_server did not report its port: {e}");
             }
-            let _ = child.kill();
-            let _ = child.wait();
         }
-        panic!("moto_server did not start");
     }
 
     /// Calls `action` (for what the driver does not do: subnets, attributes) and returns the

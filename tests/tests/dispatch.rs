@@ -425,6 +425,22 @@ fn check_config_lists_every_problem_and_serve_refuses_the_file() {
             "{needle:?} missing from:\n{stderr}"
         );
     }
+    // An error in the second of several tables is reported at its own line and index.
+    let second = dir.path().join("second.toml");
+    std::fs::write(
+        &second,
+        "[[instance_types]]\nname = \"a\"\nvcpus = 1\nram = \"1GiB\"\nprice = 1.0\n\n[[instance_types]]\nname = \"b\"\nvcpus = \"many\"\nram = \"2GiB\"\nprice = 2.0\n",
+    )
+    .expect("write");
+    let second = second.display().to_string();
+    let out = cli(&["check-config", "--config", &second]);
+    assert_eq!(out.status.code(), Some(1));
+    let needle = format!("{second}:9: instance_types[1].vcpus:");
+    assert!(
+        text(&out.stderr).contains(&needle),
+        "{needle:?} missing from:\n{}",
+        text(&out.stderr)
+    );
     let serve = cli(&["serve", "--config", &file]);
     assert!(!serve.status.success());
     assert!(

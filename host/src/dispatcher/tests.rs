@@ -21,6 +21,8 @@ use crate::ssh::{CommandOutput, SshError};
 struct Vm {
     runs: BTreeMap<String, Option<i32>>,
     fail_start: bool,
+    /// `start` launches the run but the command reports failure (its connection dropped).
+    start_runs_but_fails: bool,
     ignore_sigterm: bool,
 }
 
@@ -95,6 +97,8 @@ struct FakeCloud {
     unreachable_vms: AtomicBool,
     /// New VMs' runners refuse `start`.
     refusing_vms: AtomicBool,
+    /// New VMs' runners start the run but report failure.
+    flaky_start_vms: AtomicBool,
 }
 
 impl FakeCloud {
@@ -138,6 +142,7 @@ impl Cloud for FakeCloud {
             if !self.unreachable_vms.load(Ordering::SeqCst) {
                 let vm = Vm {
                     fail_start: self.refusing_vms.load(Ordering::SeqCst),
+                    start_runs_but_fails: self.flaky_start_vms.load(Ordering::SeqCst),
                     ..Vm::default()
                 };
                 self.world
@@ -228,7 +233,11 @@ impl FakeExec {
         };
         let args: Vec<&str> = command
             .split_once(" runner ")
-            .map(|(_, rest)| rest.split_whitespace().collect())
+            .map(|(_, rest)| {
+                rest.split_whitespace()
+                    .map(|a| a.trim_matches('\''))
+                    .collect()
+            })
             .unwrap_or_default();
         self.world
             .with_vm(&address, |vm| match args.as_slice() {
@@ -261,7 +270,7 @@ impl FakeExec {
                     }
                     let spec: ContainerSpec = serde_json::from_slice(stdin).expect("spec");
                     vm.runs.entry(spec.id).or_insert(None);
-                    output(0, "")
+                    output(if vm.start_runs_but_fails { 255 } else { 0 }, "")
                 }
                 ["kill", _, id] => {
                     if vm.ignore_sigterm && vm.runs.get(*id) == Some(&None) {
@@ -472,7 +481,7 @@ async fn a_start_is_recorded_running_and_its_result_complete() {
     })
     .await;
     assert_eq!(
-        rig.world.commands_to(&vm, "runner start"),
+        rig.world.commands_to(&vm, "runner 'start'"),
         1,
         "started once"
     );
@@ -493,7 +502,7 @@ async fn cancel_sends_sigterm_and_a_runner_ignoring_it_drains_its_vm() {
     rig.handle.poke();
     let cancelled_at = Instant::now();
     rig.eventually("SIGTERM sent", MINUTE, || {
-        rig.world.commands_to(&vm, "runner kill 15") > 0
+        rig.world.commands_to(&vm, "runner 'kill' '15'") > 0
     })
     .await;
     rig.eventually("the VM drained and destroyed", MINUTE, || {
@@ -506,11 +515,11 @@ async fn cancel_sends_sigterm_and_a_runner_ignoring_it_drains_its_vm() {
         "gave up after {waited:?}, before term"
     );
     assert!(
-        rig.world.commands_to(&vm, "runner kill 15") >= 5,
+        rig.world.commands_to(&vm, "runner 'kill' '15'") >= 5,
         "SIGTERM repeated every second"
     );
     assert_eq!(
-        rig.world.commands_to(&vm, "runner kill 9"),
+        rig.world.commands_to(&vm, "runner 'kill' '9'"),
         0,
         "never SIGKILL"
     );
@@ -573,6 +582,57 @@ async fn a_runner_that_never_starts_costs_attempts_until_cancelled() {
             .as_deref()
             .is_some_and(|e| e.contains("3 failed dispatch attempts")),
         "{c:?}"
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_start_reported_failed_that_runs_anyway_is_adopted_not_rerun() {
+    let rig = Rig::start_with(|c| c.flaky_start_vms.store(true, Ordering::SeqCst));
+    let id = rig.submit();
+    rig.eventually("Running (adopted)", MINUTE, || {
+        rig.state(&id) == ContainerState::Running
+    })
+    .await;
+    let vm = rig.vm_of(&id);
+    assert_eq!(rig.container(&id).dispatch_attempts, 0);
+    assert_eq!(rig.world.commands_to(&vm, "runner 'start'"), 1);
+    assert_eq!(
+        rig.cloud.creates.load(Ordering::SeqCst),
+        1,
+        "never started elsewhere"
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vm_missing_from_one_listing_is_kept() {
+    let rig = Rig::start();
+    let id = rig.submit();
+    rig.eventually("Running", MINUTE, || {
+        rig.state(&id) == ContainerState::Running
+    })
+    .await;
+    let instance = rig.container(&id).instance_id.expect("instance");
+    let hidden = rig
+        .cloud
+        .instances
+        .lock()
+        .expect("cloud")
+        .remove(&instance)
+        .expect("instance");
+    // One listing (every 5 s) misses it; it is back before the next.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    rig.cloud
+        .instances
+        .lock()
+        .expect("cloud")
+        .insert(instance.clone(), hidden);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let c = rig.container(&id);
+    assert_eq!(
+        (c.state, c.dispatch_attempts, c.instance_id.as_deref()),
+        (ContainerState::Running, 0, Some(instance.as_str()))
     );
     rig.stop().await;
 }
@@ -681,7 +741,7 @@ async fn an_address_change_at_a_listing_retargets_the_executor() {
         .lock()
         .expect("address") = "vm-moved".into();
     rig.eventually("probes at the new address", MINUTE, || {
-        rig.world.commands_to("vm-moved", "runner list") > 0
+        rig.world.commands_to("vm-moved", "runner 'list'") > 0
     })
     .await;
     rig.eventually("the view shows it", MINUTE, || {

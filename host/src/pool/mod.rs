@@ -19,7 +19,7 @@ mod workers;
 pub use seams::{BoxFuture, Cloud, CreateError, Endpoint, Exec, ExecFactory, Listed};
 pub use state::IdleBehavior;
 pub use view::{InstanceState, InstanceView};
-pub use workers::{Effect, Pool, PoolConfig, ProbeJob, ProbeReport};
+pub use workers::{Effect, Pool, PoolConfig, ProbeJob, ProbeReport, Started};
 
 /// Tag keys the host sets on every VM. With the set-ID tag the driver adds, they let a
 /// restarted host re-adopt its VMs.

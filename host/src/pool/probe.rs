@@ -93,12 +93,20 @@ fn failed(what: &'static str, out: &CommandOutput) -> RemoteError {
 }
 
 impl Remote<'_> {
-    fn runner(&self, args: &str) -> String {
-        format!(
-            "{}\"{}\" runner {args}",
-            if self.sudo { "sudo " } else { "" },
-            self.binary.remote_path()
-        )
+    /// The one place a runner command line is built: every argument single-quoted, so
+    /// nothing a VM reported (a run ID from `list`) is ever interpreted by its shell.
+    fn runner(&self, args: &[&str]) -> String {
+        let mut line = String::new();
+        if self.sudo {
+            line.push_str("sudo ");
+        }
+        // The path keeps `${DISPATCH_CLOUD_VM_ROOT}` expandable; it is ours, not the VM's.
+        line.push_str(&format!("\"{}\" runner", self.binary.remote_path()));
+        for arg in args {
+            line.push(' ');
+            line.push_str(&shell_quote(arg));
+        }
+        line
     }
 
     /// Copies the binary unless the VM already has this exact content.
@@ -133,14 +141,24 @@ impl Remote<'_> {
     }
 
     pub async fn list(&self, exec: &dyn Exec) -> Result<RunList, RemoteError> {
-        let out = exec.run(&self.runner("list"), b"").await?;
+        let out = exec.run(&self.runner(&["list"]), b"").await?;
         if !out.success() {
             return Err(failed("runner list", &out));
         }
-        serde_json::from_slice(&out.stdout).map_err(|e| RemoteError::BadOutput {
-            what: "runner list",
-            message: e.to_string(),
-        })
+        let mut list: RunList =
+            serde_json::from_slice(&out.stdout).map_err(|e| RemoteError::BadOutput {
+                what: "runner list",
+                message: e.to_string(),
+            })?;
+        // A VM is untrusted: an entry whose name is not a plain ID is nothing of ours.
+        list.containers.retain(|e| {
+            let plain = is_plain_id(&e.id);
+            if !plain {
+                log::warn!("runner list reported a run named {:?}; ignored", e.id);
+            }
+            plain
+        });
+        Ok(list)
     }
 
     pub async fn start(&self, exec: &dyn Exec, spec: &ContainerSpec) -> Result<(), RemoteError> {
@@ -148,7 +166,7 @@ impl Remote<'_> {
             what: "encoding the spec",
             message: e.to_string(),
         })?;
-        let out = exec.run(&self.runner("start"), &stdin).await?;
+        let out = exec.run(&self.runner(&["start"]), &stdin).await?;
         if !out.success() {
             return Err(failed("runner start", &out));
         }
@@ -158,7 +176,7 @@ impl Remote<'_> {
     /// True once the container is gone.
     pub async fn kill(&self, exec: &dyn Exec, id: &str, signal: i32) -> Result<bool, RemoteError> {
         let out = exec
-            .run(&self.runner(&format!("kill {signal} {id}")), b"")
+            .run(&self.runner(&["kill", &signal.to_string(), id]), b"")
             .await?;
         Ok(out.success())
     }
@@ -169,9 +187,7 @@ impl Remote<'_> {
         id: &str,
         stream: &str,
     ) -> Result<Vec<u8>, RemoteError> {
-        let out = exec
-            .run(&self.runner(&format!("logs {id} {stream}")), b"")
-            .await?;
+        let out = exec.run(&self.runner(&["logs", id, stream]), b"").await?;
         if !out.success() {
             return Err(failed("runner logs", &out));
         }
@@ -179,12 +195,26 @@ impl Remote<'_> {
     }
 
     pub async fn forget(&self, exec: &dyn Exec, id: &str) -> Result<(), RemoteError> {
-        let out = exec.run(&self.runner(&format!("forget {id}")), b"").await?;
+        let out = exec.run(&self.runner(&["forget", id]), b"").await?;
         if !out.success() {
             return Err(failed("runner forget", &out));
         }
         Ok(())
     }
+}
+
+/// `'…'` with embedded quotes closed and escaped: a literal word for any POSIX shell.
+pub fn shell_quote(arg: &str) -> String {
+    format!("'{}'", arg.replace('\'', r"'\''"))
+}
+
+/// Container IDs are letters, digits, `-` and `_` (as the runner requires).
+pub fn is_plain_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Runs the boot probe; Ok(true) when it exits 0.
@@ -195,4 +225,25 @@ pub async fn boot_probe(exec: &dyn Exec, command: &str) -> Result<bool, RemoteEr
         command
     };
     Ok(exec.run(command, b"").await?.success())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runner_arguments_are_literal_words() {
+        let binary = RunnerBinary::installed("/usr/bin/dispatch-cloud");
+        let remote = Remote {
+            binary: &binary,
+            sudo: true,
+        };
+        let hostile = "../x;touch${IFS}STRAY_$(id${IFS}-u)'";
+        assert_eq!(
+            remote.runner(&["forget", hostile]),
+            r#"sudo "/usr/bin/dispatch-cloud" runner 'forget' '../x;touch${IFS}STRAY_$(id${IFS}-u)'\'''"#
+        );
+        assert!(!is_plain_id(hostile));
+        assert!(is_plain_id("zzzzz-dz642-0123456789abcde"));
+    }
 }

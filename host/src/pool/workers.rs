@@ -67,6 +67,16 @@ pub enum Effect {
     AttemptFailed { container: String, reason: String },
 }
 
+/// What a returned start command means.
+pub enum Started {
+    /// Record it Running (of this type, when configured).
+    Running { instance_type: Option<String> },
+    /// The command failed; the next probe tells whether it runs anyway.
+    Unconfirmed,
+    /// The worker went away while the start was in flight: the start produced nothing.
+    WorkerGone,
+}
+
 /// A probe to run: boot probe and runner deployment first when `needs_boot`, then the run list.
 pub struct ProbeJob {
     pub worker: String,
@@ -108,6 +118,9 @@ struct Worker {
     gave_up: HashSet<String>,
     /// Why the VM is not in use, when something is wrong with it.
     reason: Option<String>,
+    /// Consecutive listings that did not show it: one miss is not enough to forget a VM
+    /// (and requeue what it runs).
+    missed_listings: u32,
 }
 
 impl Worker {
@@ -221,6 +234,7 @@ impl Pool {
                 destroying: false,
                 gave_up: HashSet::new(),
                 reason: None,
+                missed_listings: 0,
             },
         );
     }
@@ -241,7 +255,8 @@ impl Pool {
 
     /// Reconciles with a listing launched at `launched`: new instances are adopted (`unknown`,
     /// unless they are a create of ours in flight), known ones get the listing's address and
-    /// tags (the executor follows a new address), missing ones are removed.
+    /// tags (the executor follows a new address), ones missing from two listings in a row are
+    /// removed.
     pub fn apply_listing(
         &mut self,
         list: Vec<Listed>,
@@ -268,6 +283,7 @@ impl Pool {
                         w.exec.retarget(&endpoint);
                     }
                     w.listed = listed;
+                    w.missed_listings = 0;
                 }
                 None => {
                     let ours_in_flight = listed
@@ -283,12 +299,17 @@ impl Pool {
         for listed in fresh {
             self.add_worker(listed, WorkerStatus::Unknown, now);
         }
-        let gone: Vec<String> = self
-            .workers
-            .iter()
-            .filter(|(id, w)| !seen.contains(*id) && w.appeared_at < launched)
-            .map(|(id, _)| id.clone())
-            .collect();
+        let mut gone = Vec::new();
+        for (id, w) in &mut self.workers {
+            if !seen.contains(id) && w.appeared_at < launched {
+                w.missed_listings += 1;
+                if w.missed_listings >= 2 {
+                    gone.push(id.clone());
+                } else {
+                    log::debug!("instance={id} missing from a listing; checking at the next");
+                }
+            }
+        }
         for id in gone {
             log::info!("instance={id} disappeared from the cloud's list; removing it");
             self.remove_worker(&id, &mut effects);
@@ -629,27 +650,31 @@ impl Pool {
     }
 
     /// The start command returned. Whether it failed or not, the next probe tells whether the
-    /// runner is there; a failure that the probe confirms becomes an attempt then. Returns the
-    /// type to record for a start that succeeded.
+    /// runner is there; a failure that the probe confirms becomes an attempt then.
     pub fn apply_started(
         &mut self,
         container: &str,
         worker: &str,
         result: &Result<(), RemoteError>,
         now: Instant,
-    ) -> Option<Option<String>> {
-        let w = self.workers.get_mut(worker)?;
+    ) -> Started {
+        let Some(w) = self.workers.get_mut(worker) else {
+            return Started::WorkerGone;
+        };
         w.starting.insert(container.to_string(), Some(now));
         match result {
-            Ok(()) => Some(w.type_name.clone()),
+            Ok(()) => Started::Running {
+                instance_type: w.type_name.clone(),
+            },
             Err(e) => {
                 w.failed_starts.insert(container.to_string(), e.to_string());
-                None
+                Started::Unconfirmed
             }
         }
     }
 
-    /// The executor of a worker not being shut down, and whether it needs sudo.
+    /// The executor of a worker (also one being shut down: its results are still collected),
+    /// and whether it needs sudo.
     pub fn remote(&self, worker: &str) -> Option<(Arc<dyn Exec>, bool)> {
         let w = self.workers.get(worker)?;
         Some((Arc::clone(&w.exec), w.sudo()))

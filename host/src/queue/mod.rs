@@ -8,8 +8,8 @@
 //! | Locked  | runner started on a VM                 | Running   |
 //! | Locked/Running | a start that produced no result (`runner start` failed, run vanished with its VM or supervisor) | Queued with dispatch_attempts += 1, or Cancelled once it reaches `max_dispatch_attempts` |
 //! | Locked  | runner seen exited (host crashed between start and record) | Complete |
+//! | Queued  | a run judged gone turns up running / exited | Running / Complete |
 //! | Running | runner exited, result recorded         | Complete  |
-//! | Running | runner gone without a result           | Cancelled |
 //! | any non-final | cancel (user, unsatisfiable)     | Cancelled |
 //!
 //! Complete and Cancelled are final.
@@ -163,14 +163,14 @@ pub trait Queue: Send + Sync {
         why: &str,
         max_attempts: u32,
     ) -> Result<ContainerState, QueueError>;
-    /// Locked → Running on `instance_id`, of `instance_type` when known.
+    /// Locked (or Queued, for a run that turned up again) → Running on `instance_id`.
     fn set_running(
         &self,
         id: &str,
         instance_id: &str,
         instance_type: Option<&str>,
     ) -> Result<(), QueueError>;
-    /// Locked/Running → Complete with the runner's result.
+    /// Queued/Locked/Running → Complete with the runner's result.
     fn complete(
         &self,
         id: &str,

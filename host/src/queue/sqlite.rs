@@ -313,9 +313,10 @@ impl Queue for SqliteQueue {
         instance_id: &str,
         instance_type: Option<&str>,
     ) -> Result<(), QueueError> {
+        // Queued too: a run judged gone that turned up again is adopted, not run twice.
         self.transition(
             id,
-            &[ContainerState::Locked],
+            &[ContainerState::Locked, ContainerState::Queued],
             ContainerState::Running,
             "instance_id = ?2, started_at_ms = ?3, instance_type = COALESCE(?4, instance_type)",
             &[&instance_id, &now_ms(), &instance_type],
@@ -331,7 +332,11 @@ impl Queue for SqliteQueue {
     ) -> Result<(), QueueError> {
         self.transition(
             id,
-            &[ContainerState::Locked, ContainerState::Running],
+            &[
+                ContainerState::Queued,
+                ContainerState::Locked,
+                ContainerState::Running,
+            ],
             ContainerState::Complete,
             "exit_code = ?2, runtime_error = ?3, log_dir = ?4, finished_at_ms = ?5,
              started_at_ms = COALESCE(started_at_ms, ?5)",

@@ -307,10 +307,16 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
 
 /// The syncer: reconciles each container with what its runner reports (reference §1.2).
 fn sync(input: &PlanInput<'_>, actions: &mut Vec<Action>) {
-    let any_unknown = input
+    // A container's run is judged gone only once its own worker has been probed.
+    let unprobed: HashSet<&str> = input
         .workers
         .iter()
-        .any(|w| w.status == WorkerStatus::Unknown);
+        .filter(|w| w.status == WorkerStatus::Unknown)
+        .filter_map(|w| match &w.id {
+            SlotId::Instance(id) => Some(id.as_str()),
+            _ => None,
+        })
+        .collect();
     for c in input.containers {
         let seen = input.runners.get(&c.id);
         match (c.state, seen) {
@@ -341,17 +347,34 @@ fn sync(input: &PlanInput<'_>, actions: &mut Vec<Action>) {
                 container: c.id.clone(),
                 worker: worker.clone(),
             }),
-            (ContainerState::Locked, Some(RunnerSeen::Running { worker })) => {
-                actions.push(Action::Adopt {
+            // Locked: the host died after the start. Queued: it was requeued because its run
+            // looked gone, and the run turned up again. Either way it runs there: adopt it.
+            (
+                ContainerState::Locked | ContainerState::Queued,
+                Some(RunnerSeen::Running { worker }),
+            ) => actions.push(Action::Adopt {
+                container: c.id.clone(),
+                worker: worker.clone(),
+            }),
+            // A requeued container whose run turned up finished: record that result.
+            (ContainerState::Queued, Some(RunnerSeen::Exited { worker })) => {
+                actions.push(Action::Finalize {
                     container: c.id.clone(),
                     worker: worker.clone(),
                 })
             }
-            (ContainerState::Running, None) if !any_unknown && input.pool_recovered => actions
-                .push(Action::AttemptFailed {
+            (ContainerState::Running, None)
+                if input.pool_recovered
+                    && !c
+                        .instance_id
+                        .as_deref()
+                        .is_some_and(|w| unprobed.contains(w)) =>
+            {
+                actions.push(Action::AttemptFailed {
                     container: c.id.clone(),
                     reason: "its run vanished: no worker lists it".into(),
-                }),
+                })
+            }
             (
                 ContainerState::Complete | ContainerState::Cancelled | ContainerState::Queued,
                 Some(seen),
@@ -534,7 +557,7 @@ fn map(input: &PlanInput<'_>, actions: &mut Vec<Action>) {
         let need = Resources::of_need(rc);
         match best_slot(eligible, &need, input.types, &open, &slots) {
             Some(i) => {
-                // A lock is a commitment: taken only together with a start or a create.
+                // A lock is a commitment to a place: this worker, booted or still booting.
                 if c.state == ContainerState::Queued {
                     if let Some(ti) = slots[i].type_index {
                         actions.push(Action::Lock {
@@ -1040,12 +1063,32 @@ mod tests {
                 }],
             },
             Row {
-                name: "running, on no known worker, but one is unprobed: wait",
-                containers: vec![c("a", ContainerState::Running, 1, 1, 1)],
+                name: "running, not listed, but its own worker is unprobed: wait",
+                containers: vec![Container {
+                    instance_id: Some("i1".into()),
+                    ..c("a", ContainerState::Running, 1, 1, 1)
+                }],
                 workers: vec![w("i1", "small", Unknown)],
                 runners: vec![],
                 flags: Flags::default(),
                 expect: vec![],
+            },
+            Row {
+                name: "requeued, but its run turned up: adopt it running, record it exited",
+                containers: vec![c("a", Queued, 1, 1, 1), c("b", Queued, 1, 1, 1)],
+                workers: vec![w("i1", "small", Running)],
+                runners: vec![("a", running("i1")), ("b", exited("i1"))],
+                flags: Flags::default(),
+                expect: vec![
+                    Action::Adopt {
+                        container: "a".into(),
+                        worker: "i1".into(),
+                    },
+                    Action::Finalize {
+                        container: "b".into(),
+                        worker: "i1".into(),
+                    },
+                ],
             },
             Row {
                 name: "priority 0 while running: kill",
