@@ -55,11 +55,25 @@ pub struct CloudOps {
 /// a zero hold-off in the config) must not let the next pass call the cloud at once again.
 const MIN_HOLDOFF: Duration = Duration::from_secs(1);
 
+/// A configured hold-off of zero would retry at once, in a loop.
+fn nonzero(d: Duration) -> Duration {
+    if d.is_zero() {
+        MIN_HOLDOFF
+    } else {
+        d
+    }
+}
+
 fn until(t: SystemTime) -> Instant {
+    // The cloud's own retry time is kept as given (hold-offs of different lengths keep
+    // different kinds of create from retrying in lock-step); only one already past, which
+    // would mean no hold-off at all, becomes the minimum.
     let wait = t
         .duration_since(SystemTime::now())
-        .unwrap_or(Duration::ZERO);
-    Instant::now() + wait.max(MIN_HOLDOFF)
+        .ok()
+        .filter(|w| !w.is_zero())
+        .unwrap_or(MIN_HOLDOFF);
+    Instant::now() + wait
 }
 
 fn type_key(t: &InstanceType) -> String {
@@ -232,7 +246,7 @@ impl CloudOps {
                             CapacityScope::All => String::new(),
                         };
                         st.capacity_until
-                            .insert(key, now + self.policy.capacity_holdoff.max(MIN_HOLDOFF));
+                            .insert(key, now + nonzero(self.policy.capacity_holdoff));
                     }
                     _ => {}
                 }
