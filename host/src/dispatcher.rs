@@ -354,6 +354,11 @@ impl Dispatcher {
                     Ok(()) => {
                         log::info!("container={container} instance={worker} from=Locked to=Running")
                     }
+                    // A probe saw it running first and it was adopted: nothing left to record.
+                    Err(QueueError::Conflict {
+                        state: ContainerState::Running,
+                        ..
+                    }) => log::debug!("container={container} already recorded running"),
                     Err(e) => {
                         log::warn!("container={container} started, but recording it failed: {e}")
                     }

@@ -234,8 +234,11 @@ fn build_command(spec: &ContainerSpec) -> anyhow::Result<Command> {
 fn supervise(id: &str) -> anyhow::Result<i32> {
     valid_id(id)?;
     let dir = runs_dir().join(id);
-    let lock = File::create(dir.join("lock"))?;
+    // Locked before it gets its name: a visible `lock` that is not held always means the
+    // supervisor is gone (a probe in between must not see an unheld lock and call it Stale).
+    let lock = File::create(dir.join("lock.new"))?;
     lock.lock()?;
+    std::fs::rename(dir.join("lock.new"), dir.join("lock"))?;
     std::fs::write(dir.join("pid"), std::process::id().to_string())?;
     let spec: ContainerSpec = serde_json::from_slice(&std::fs::read(dir.join("spec.json"))?)?;
     let record = match build_command(&spec).and_then(|mut cmd| {

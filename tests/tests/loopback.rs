@@ -187,6 +187,29 @@ fn commands_return_exact_output_and_exit_codes() {
             assert_eq!(text(&out.stdout), format!("{i}\n"));
             assert_eq!(out.exit_status, Some((i % 4) as u32));
         }
+
+        // Concurrent commands that read their stdin slowly each get their own input, whole
+        // (the runner's `start` reads its spec this way), over several rounds so channel
+        // numbers are reused.
+        for round in 0..5 {
+            let runs: Vec<_> = (0..20)
+                .map(|i| {
+                    let exec = Arc::clone(&exec);
+                    tokio::spawn(async move {
+                        let input = format!("round {round} input {i}");
+                        let out = exec
+                            .execute("sleep 0.0$(($$ % 5)); cat", input.as_bytes())
+                            .await;
+                        (input, out)
+                    })
+                })
+                .collect();
+            for run in runs {
+                let (input, out) = run.await.expect("task");
+                let out = out.expect("concurrent run with stdin");
+                assert_eq!(text(&out.stdout), input, "stdin crossed or lost");
+            }
+        }
     });
 }
 

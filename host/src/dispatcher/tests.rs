@@ -768,9 +768,9 @@ async fn failing_creates_back_off() {
     tokio::time::sleep(MINUTE).await;
     let calls = rig.cloud.creates.load(Ordering::SeqCst);
     assert!((3..=8).contains(&calls), "{calls} creates in a minute");
-    // Waiting for a VM, never started: no attempt counted.
+    // Waiting for a VM, never started: still Queued, no attempt counted.
     let waiting = rig.container(&id);
-    assert!(!waiting.state.is_final() && waiting.state != ContainerState::Running);
+    assert_eq!(waiting.state, ContainerState::Queued);
     assert_eq!(waiting.dispatch_attempts, 0);
     let why = rig.handle.waiting().get(&id).cloned().unwrap_or_default();
     assert!(why.contains("the API is down"), "{why:?}");

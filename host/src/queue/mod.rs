@@ -3,7 +3,7 @@
 //! | from    | event                                  | to        |
 //! |---------|----------------------------------------|-----------|
 //! | —       | submit                                 | Queued    |
-//! | Queued  | scheduler starts it or creates a VM for it (lock_count += 1) | Locked |
+//! | Queued  | scheduler gives it a place on an existing VM, booted or booting (lock_count += 1) | Locked |
 //! | Locked  | unlock (stale lock, priority 0, overtaken while over quota) | Queued |
 //! | Locked  | runner started on a VM                 | Running   |
 //! | Locked/Running | a start that produced no result (`runner start` failed, run vanished with its VM or supervisor) | Queued with dispatch_attempts += 1, or Cancelled once it reaches `max_dispatch_attempts` |

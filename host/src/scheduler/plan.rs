@@ -557,8 +557,11 @@ fn map(input: &PlanInput<'_>, actions: &mut Vec<Action>) {
         let need = Resources::of_need(rc);
         match best_slot(eligible, &need, input.types, &open, &slots) {
             Some(i) => {
-                // A lock is a commitment to a place: this worker, booted or still booting.
-                if c.state == ContainerState::Queued {
+                // A lock is a place on a VM that exists, booted or still booting. One waiting
+                // for a create stays Queued: a failing create then changes nothing in the queue.
+                if c.state == ContainerState::Queued
+                    && matches!(slots[i].worker.id, SlotId::Instance(_))
+                {
                     if let Some(ti) = slots[i].type_index {
                         actions.push(Action::Lock {
                             container: c.id.clone(),
@@ -591,12 +594,6 @@ fn map(input: &PlanInput<'_>, actions: &mut Vec<Action>) {
                 let Some(t) = available else { continue };
                 if creates_left == 0 {
                     continue;
-                }
-                if c.state == ContainerState::Queued {
-                    actions.push(Action::Lock {
-                        container: c.id.clone(),
-                        instance_type: t.name.clone(),
-                    });
                 }
                 actions.push(Action::Create {
                     instance_type: t.name.clone(),
@@ -858,12 +855,12 @@ mod tests {
     fn mapper_table() {
         check(vec![
             Row {
-                name: "queued, no workers: lock the cheapest fitting type and create it",
+                name: "queued, no workers: create the cheapest fitting type, no lock yet",
                 containers: vec![c("a", Queued, 1, 1, 1)],
                 workers: vec![],
                 runners: vec![],
                 flags: Flags::default(),
-                expect: vec![lock("a", "small"), create("small", "a")],
+                expect: vec![create("small", "a")],
             },
             Row {
                 name: "an idle worker of the right type starts it at once",
@@ -917,7 +914,7 @@ mod tests {
                 workers: vec![w("i1", "small", Idle)],
                 runners: vec![],
                 flags: Flags::default(),
-                expect: vec![start("l", "i1"), lock("q", "small"), create("small", "q")],
+                expect: vec![start("l", "i1"), create("small", "q")],
             },
             Row {
                 name: "at quota: locks stay while nothing overtakes them, idle VMs nothing fits go",
@@ -941,10 +938,10 @@ mod tests {
                 workers: vec![],
                 runners: vec![],
                 flags: Flags { headroom: Some(1), ..Default::default() },
-                expect: vec![lock("a", "small"), create("small", "a")],
+                expect: vec![create("small", "a")],
             },
             Row {
-                name: "a pending create is never shut down to free quota",
+                name: "a pending create is never shut down to free quota, nor locked onto",
                 containers: vec![c("a", Queued, 1, 8, 1)],
                 workers: vec![WorkerSlot { id: SlotId::Pending(3), ..w("", "small", Booting) }],
                 runners: vec![],
@@ -957,7 +954,7 @@ mod tests {
                 workers: vec![],
                 runners: vec![],
                 flags: Flags { at_capacity: &["lb.small"], price_factor: Some(3.0), ..Default::default() },
-                expect: vec![lock("a", "medium"), create("medium", "a")],
+                expect: vec![create("medium", "a")],
             },
             Row {
                 name: "every eligible type at capacity: wait, unlocked",
@@ -997,7 +994,7 @@ mod tests {
                 workers: vec![WorkerSlot { accepts_work: false, ..w("i1", "small", Idle) }],
                 runners: vec![],
                 flags: Flags::default(),
-                expect: vec![lock("a", "small"), create("small", "a")],
+                expect: vec![create("small", "a")],
             },
         ]);
     }
@@ -1172,11 +1169,13 @@ mod tests {
         let mut locks: HashMap<String, usize> = HashMap::default();
         let mut unlocks = 0;
         let no_capacity = HashSet::default();
+        // One VM still booting: the first in line gets a place (and a lock) there.
+        let booting = [w("i1", "small", Booting)];
         for pass in 0..40 {
             let runners = HashMap::default();
             let input = PlanInput {
                 containers: &containers,
-                workers: &[],
+                workers: &booting,
                 runners: &runners,
                 types: &types,
                 maximum_price_factor: 1.5,
@@ -1201,7 +1200,7 @@ mod tests {
         }
         assert_eq!(unlocks, 0);
         assert!(locks.values().all(|n| *n == 1), "{locks:?}");
-        // Creates that never succeed go to the containers already locked, first in line.
+        // Only the container given a place on the booting VM is locked, and only once.
         let mut locked: Vec<&String> = locks.keys().collect();
         locked.sort();
         let prefix: Vec<String> = (0..locked.len()).map(|i| format!("c{i:02}")).collect();
