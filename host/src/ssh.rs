@@ -1,8 +1,11 @@
 //! The SSH executor: one multiplexed russh connection per VM, a new channel per command.
 //!
-//! A connection is used only after the VM's host key is verified: by the driver when it can
-//! (`verify_host_key`), otherwise by reading the instance secret the host wrote at boot and
-//! comparing it with the VM's secret tag. An unverified key is never accepted.
+//! A connection is used only after the VM's host key is verified. When the driver can
+//! (`verify_host_key`), that happens during the key exchange, before the client authenticates,
+//! so a server with the wrong key never sees our credentials. When it cannot, the VM proves
+//! itself right after authentication by the instance secret its boot script wrote (equal to
+//! its secret tag); reading it is the only command sent before it matched. An unverified key
+//! is never accepted.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -60,30 +63,67 @@ impl CommandOutput {
 /// Default dial timeout (the original dispatcher's).
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(60);
 
-struct KeyCapture {
-    /// The key presented in the handshake; verified by the executor before the connection is
-    /// handed out. std mutex: set once in the callback, read after the handshake.
-    presented: Arc<Mutex<Option<String>>>,
+/// What the key exchange decided about the server's host key.
+#[derive(Clone, Debug)]
+enum KeyVerdict {
+    /// The driver vouched for it (or it is the key verified before).
+    Verified(String),
+    /// The driver cannot tell: the instance secret decides, right after authentication and
+    /// before the connection is used for anything else.
+    NeedsSecret(String),
+    Refused(String),
 }
 
-impl client::Handler for KeyCapture {
+/// Checks the host key during the key exchange, before the client authenticates: a server
+/// whose key the driver refuses never sees our credentials.
+struct KeyCheck {
+    target: Arc<dyn Target>,
+    /// The key that passed before (shared with the executor).
+    verified: Arc<Mutex<Option<String>>>,
+    /// std mutex: set once in the callback, read after the handshake.
+    verdict: Arc<Mutex<Option<KeyVerdict>>>,
+}
+
+impl KeyCheck {
+    async fn decide(&self, key: &PublicKeyOrCertificate) -> KeyVerdict {
+        let PublicKeyOrCertificate::PublicKey { key, .. } = key else {
+            return KeyVerdict::Refused("the server presented a certificate, not a key".into());
+        };
+        let Ok(text) = key.to_openssh() else {
+            return KeyVerdict::Refused("the server's key cannot be encoded".into());
+        };
+        if self
+            .verified
+            .lock()
+            .is_ok_and(|k| k.as_deref() == Some(text.as_str()))
+        {
+            return KeyVerdict::Verified(text);
+        }
+        // A driver call: blocking, so on a blocking thread.
+        let target = Arc::clone(&self.target);
+        let key = text.clone();
+        match tokio::task::spawn_blocking(move || target.verify_host_key(&key)).await {
+            Ok(Ok(())) => KeyVerdict::Verified(text),
+            Ok(Err(DriverError::NotImplemented { .. })) => KeyVerdict::NeedsSecret(text),
+            Ok(Err(e)) => KeyVerdict::Refused(e.to_string()),
+            Err(e) => KeyVerdict::Refused(format!("the driver's check did not finish: {e}")),
+        }
+    }
+}
+
+impl client::Handler for KeyCheck {
     type Error = russh::Error;
 
     async fn check_server_key(
         &mut self,
         server_public_key: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
-        let PublicKeyOrCertificate::PublicKey { key, .. } = server_public_key else {
-            // Certificates are not part of our trust model.
-            return Ok(false);
-        };
-        let text = key
-            .to_openssh()
-            .map_err(|_| russh::Error::KeyChanged { line: 0 })?;
-        if let Ok(mut slot) = self.presented.lock() {
-            *slot = Some(text);
+        let verdict = self.decide(server_public_key).await;
+        let accept = !matches!(verdict, KeyVerdict::Refused(_));
+        if let Ok(mut slot) = self.verdict.lock() {
+            *slot = Some(verdict);
         }
-        Ok(true)
+        Ok(accept)
     }
 }
 
@@ -95,9 +135,9 @@ pub struct Executor {
     /// The connection and the address it was dialled to: when the target's address changes,
     /// the next command dials the new one. tokio mutex: held across the dial so concurrent
     /// reconnects coalesce into one, and only then; commands share the handle.
-    connection: tokio::sync::Mutex<Option<(String, Arc<Handle<KeyCapture>>)>>,
+    connection: tokio::sync::Mutex<Option<(String, Arc<Handle<KeyCheck>>)>>,
     /// The key that passed verification; a different key later is verified afresh.
-    verified_key: Mutex<Option<String>>,
+    verified_key: Arc<Mutex<Option<String>>>,
 }
 
 impl Executor {
@@ -107,7 +147,7 @@ impl Executor {
             key,
             dial_timeout: DIAL_TIMEOUT,
             connection: tokio::sync::Mutex::new(None),
-            verified_key: Mutex::new(None),
+            verified_key: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -124,7 +164,7 @@ impl Executor {
             message,
         };
         let address = self.target.address();
-        let usable = |c: &Option<(String, Arc<Handle<KeyCapture>>)>| {
+        let usable = |c: &Option<(String, Arc<Handle<KeyCheck>>)>| {
             c.as_ref()
                 .filter(|(a, h)| *a == address && !h.is_closed())
                 .map(|(_, h)| Arc::clone(h))
@@ -176,7 +216,7 @@ impl Executor {
         }
     }
 
-    async fn connect(&self) -> Result<Handle<KeyCapture>, SshError> {
+    async fn connect(&self) -> Result<Handle<KeyCheck>, SshError> {
         let address = self.target.address();
         if address.is_empty() {
             return Err(SshError::NoAddress);
@@ -186,7 +226,7 @@ impl Executor {
         } else {
             format!("{address}:22")
         };
-        let presented = Arc::new(Mutex::new(None));
+        let verdict = Arc::new(Mutex::new(None));
         let config = Arc::new(client::Config {
             inactivity_timeout: None,
             keepalive_interval: Some(Duration::from_secs(30)),
@@ -199,20 +239,28 @@ impl Executor {
             address: address.clone(),
             message,
         };
-        let mut handle = tokio::time::timeout(
+        let refused = |reason: String| SshError::HostKeyRefused {
+            address: address.clone(),
+            reason,
+        };
+        let check = KeyCheck {
+            target: Arc::clone(&self.target),
+            verified: Arc::clone(&self.verified_key),
+            verdict: Arc::clone(&verdict),
+        };
+        let connected = tokio::time::timeout(
             self.dial_timeout,
-            client::connect(
-                config,
-                dial_address.as_str(),
-                KeyCapture {
-                    presented: Arc::clone(&presented),
-                },
-            ),
+            client::connect(config, dial_address.as_str(), check),
         )
         .await
-        .map_err(|_| connect_error(format!("timed out after {:?}", self.dial_timeout)))?
-        .map_err(|e| connect_error(e.to_string()))?;
-
+        .map_err(|_| connect_error(format!("timed out after {:?}", self.dial_timeout)))?;
+        let decided = verdict.lock().ok().and_then(|v| v.clone());
+        let mut handle = match (connected, decided) {
+            (Ok(handle), Some(KeyVerdict::Verified(_) | KeyVerdict::NeedsSecret(_))) => handle,
+            (_, Some(KeyVerdict::Refused(reason))) => return Err(refused(reason)),
+            (Ok(_), None) => return Err(refused("the server presented no host key".into())),
+            (Err(e), _) => return Err(connect_error(e.to_string())),
+        };
         let user = self.target.remote_user();
         let auth = handle
             .authenticate_publickey(
@@ -224,72 +272,41 @@ impl Executor {
         if !auth.success() {
             return Err(SshError::AuthRefused { address, user });
         }
-
-        let host_key = presented
-            .lock()
-            .ok()
-            .and_then(|k| k.clone())
-            .ok_or_else(|| SshError::HostKeyRefused {
-                address: address.clone(),
-                reason: "the server presented no key".into(),
-            })?;
-        self.verify(&handle, &address, &user, &host_key).await?;
+        let host_key = match verdict.lock().ok().and_then(|v| v.clone()) {
+            Some(KeyVerdict::NeedsSecret(key)) => {
+                // The first and only command before the secret matched: reading it.
+                self.check_secret(&handle, &user).await.map_err(refused)?;
+                key
+            }
+            Some(KeyVerdict::Verified(key)) => key,
+            _ => return Err(refused("the host key verdict was lost".into())),
+        };
+        if let Ok(mut slot) = self.verified_key.lock() {
+            *slot = Some(host_key);
+        }
         Ok(handle)
     }
 
-    async fn verify(
-        &self,
-        handle: &Handle<KeyCapture>,
-        address: &str,
-        user: &str,
-        host_key: &str,
-    ) -> Result<(), SshError> {
-        let already = self
-            .verified_key
-            .lock()
-            .map(|k| k.as_deref() == Some(host_key))
-            .unwrap_or(false);
-        if already {
-            return Ok(());
-        }
-        let refused = |reason: String| SshError::HostKeyRefused {
-            address: address.to_string(),
-            reason,
+    /// For drivers that cannot verify host keys: the VM proves itself by the secret its boot
+    /// script wrote, which must equal the instance's secret tag.
+    async fn check_secret(&self, handle: &Handle<KeyCheck>, user: &str) -> Result<(), String> {
+        let Some(secret) = self.target.instance_secret() else {
+            return Err(
+                "the driver cannot verify host keys and the instance has no secret tag".into(),
+            );
         };
-        let target = Arc::clone(&self.target);
-        let key = host_key.to_string();
-        let verdict = tokio::task::spawn_blocking(move || target.verify_host_key(&key))
+        let out = run(handle, &instance_secret::read_command(user), b"")
             .await
-            .map_err(|e| refused(format!("driver check did not finish: {e}")))?;
-        match verdict {
-            Ok(()) => {}
-            Err(DriverError::NotImplemented { .. }) => {
-                let Some(secret) = self.target.instance_secret() else {
-                    return Err(refused(
-                        "the driver cannot verify host keys and the instance has no secret tag"
-                            .into(),
-                    ));
-                };
-                let out = run(handle, &instance_secret::read_command(user), b"")
-                    .await
-                    .map_err(|e| refused(format!("reading the instance secret: {e}")))?;
-                if !out.success() || out.stdout != secret.as_bytes() {
-                    return Err(refused(
-                        "the instance secret on the VM does not match its tag".into(),
-                    ));
-                }
-            }
-            Err(e) => return Err(refused(e.to_string())),
-        }
-        if let Ok(mut slot) = self.verified_key.lock() {
-            *slot = Some(host_key.to_string());
+            .map_err(|e| format!("reading the instance secret: {e}"))?;
+        if !out.success() || out.stdout != secret.as_bytes() {
+            return Err("the instance secret on the VM does not match its tag".into());
         }
         Ok(())
     }
 }
 
 async fn run(
-    handle: &Handle<KeyCapture>,
+    handle: &Handle<KeyCheck>,
     command: &str,
     stdin: &[u8],
 ) -> Result<CommandOutput, String> {

@@ -244,6 +244,19 @@ fn a_wrong_host_key_is_refused() {
     let b = create_vm(&set, &key, None);
     runtime().block_on(async {
         until_booted(&executor(&a, Arc::clone(&key))).await;
+        let auth_log = cloud
+            .state_dir()
+            .join("vms")
+            .join(a.id())
+            .join("root/var/log/loopback-sshd-auth.log");
+        let attempts = || {
+            std::fs::read_to_string(&auth_log)
+                .unwrap_or_default()
+                .lines()
+                .count()
+        };
+        let before = attempts();
+        assert!(before >= 1, "the sshd records authentication attempts");
         let exec = Executor::new(
             Arc::new(Impostor {
                 answering: Arc::clone(&a),
@@ -252,11 +265,21 @@ fn a_wrong_host_key_is_refused() {
             Arc::clone(&key),
         );
         match exec.execute("true", b"").await {
-            Err(SshError::HostKeyRefused { reason, .. }) => {
-                assert!(reason.contains("does not match"), "{reason}")
+            Err(e @ SshError::HostKeyRefused { .. }) => {
+                let shown = e.to_string();
+                assert!(
+                    shown.contains("host key") && shown.contains("does not match"),
+                    "{shown}"
+                )
             }
             other => panic!("impostor accepted: {other:?}"),
         }
+        // Refused during the key exchange: our key was never offered to the impostor.
+        assert_eq!(
+            attempts(),
+            before,
+            "authenticated before checking the host key"
+        );
     });
 }
 

@@ -361,6 +361,7 @@ impl Cloud {
         };
         let dir = self.vm_dir(&id);
         let written = std::fs::create_dir_all(dir.join("root/var/lock"))
+            .and_then(|_| std::fs::create_dir_all(dir.join("root/var/log")))
             .and_then(|_| std::fs::create_dir_all(dir.join("root/var/run")))
             .and_then(|_| {
                 key.write_openssh_file(dir.join("host_key"), Default::default())

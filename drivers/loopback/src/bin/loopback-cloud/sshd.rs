@@ -14,6 +14,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
+/// Authentication attempts, one line each, relative to the VM root.
+pub const AUTH_LOG: &str = "var/log/loopback-sshd-auth.log";
+
 /// Chunks of stdin queued per command before the SSH session waits for the process to read:
 /// bounded so a client streaming a large file cannot grow the daemon without limit.
 const STDIN_QUEUE: usize = 16;
@@ -47,9 +50,19 @@ impl russh::server::Handler for VmShell {
 
     async fn auth_publickey(
         &mut self,
-        _user: &str,
+        user: &str,
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
+        // Every attempt is recorded, so tests can prove a client never authenticated to a
+        // server whose host key it should have refused first.
+        let log = self.root.join(AUTH_LOG);
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+        {
+            let _ = std::io::Write::write_all(&mut f, format!("publickey {user}\n").as_bytes());
+        }
         match &self.authorized_key {
             Some(allowed) if allowed.key_data() == key.public_key.key_data() => Ok(Auth::Accept),
             _ => Ok(Auth::reject()),
