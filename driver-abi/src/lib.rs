@@ -43,6 +43,7 @@ pub mod error;
 pub mod export;
 pub mod ffi;
 pub mod import;
+pub mod trust;
 pub mod types;
 
 pub use error::{CapacityScope, DriverError};

@@ -67,6 +67,7 @@ fn scenario(at_quota: bool) -> Duration {
             status: WorkerStatus::Running,
             accepts_work: true,
             foreign_runners: false,
+            probed: true,
         });
     }
     for i in 0..100_000 {
@@ -91,6 +92,7 @@ fn scenario(at_quota: bool) -> Duration {
         at_capacity: &at_capacity,
         creates_allowed: usize::MAX,
         pool_recovered: true,
+        listings_settled: true,
     };
     let mut times = Vec::new();
     let mut actions = 0;

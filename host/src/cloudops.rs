@@ -234,7 +234,7 @@ impl CloudOps {
                         // instances running, wait until there are fewer of them.
                         let n = instances_incl_pending.saturating_sub(1);
                         if n < 1 {
-                            st.quota_until = Some(now + self.policy.quota_holdoff);
+                            st.quota_until = Some(now + nonzero(self.policy.quota_holdoff));
                         } else {
                             st.quota_instances = Some(n);
                         }

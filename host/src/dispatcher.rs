@@ -354,11 +354,28 @@ impl Dispatcher {
                     Ok(()) => {
                         log::info!("container={container} instance={worker} from=Locked to=Running")
                     }
-                    // A probe saw it running first and it was adopted: nothing left to record.
+                    // A probe saw it running here first and it was adopted: nothing to record.
                     Err(QueueError::Conflict {
                         state: ContainerState::Running,
                         ..
-                    }) => log::debug!("container={container} already recorded running"),
+                    }) if self
+                        .queue
+                        .get(&container)
+                        .is_ok_and(|c| c.instance_id.as_deref() == Some(worker.as_str())) =>
+                    {
+                        log::debug!("container={container} already recorded running here")
+                    }
+                    // Running elsewhere already (a run thought gone turned up meanwhile): this
+                    // second run must not go on.
+                    Err(QueueError::Conflict {
+                        state: ContainerState::Running,
+                        ..
+                    }) => {
+                        log::warn!(
+                            "container={container} instance={worker} started while it already runs elsewhere; stopping this run"
+                        );
+                        self.kill(&container, &worker);
+                    }
                     Err(e) => {
                         log::warn!("container={container} started, but recording it failed: {e}")
                     }
@@ -541,6 +558,7 @@ impl Dispatcher {
             at_capacity: &at_capacity,
             creates_allowed: self.cloud.creates_allowed(),
             pool_recovered: self.pool.recovered(now),
+            listings_settled: self.pool.listings_settled(),
         };
         let actions = plan(&input);
         self.publish_waiting(&input, &actions, now);
@@ -608,7 +626,12 @@ impl Dispatcher {
                 Ok(()) => log::info!("container={container} to=Cancelled reason={reason:?}"),
                 Err(e) => log::debug!("container={container} cancel: {e}"),
             },
-            Action::AttemptFailed { container, reason } => self.attempt_failed(&container, &reason),
+            // Not while its result is being collected: that result wins.
+            Action::AttemptFailed { container, reason } => {
+                if !self.busy.contains(&container) {
+                    self.attempt_failed(&container, &reason)
+                }
+            }
             Action::Adopt { container, worker } => {
                 let type_name = self.pool.type_of(&worker).map(str::to_string);
                 match self

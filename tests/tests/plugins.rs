@@ -251,3 +251,150 @@ fn a_panicking_driver_returns_errors_and_the_host_keeps_running() {
         "a panic in a call without errors gives the neutral value"
     );
 }
+
+/// A private copy of `so` in `dir` with `mode`.
+fn copy_with_mode(
+    so: &std::path::Path,
+    dir: &std::path::Path,
+    name: &str,
+    mode: u32,
+) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::copy(so, &path).expect("copy");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    path
+}
+
+#[test]
+fn plugins_others_could_change_are_refused_with_their_reason() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tmp");
+    let writable = copy_with_mode(&loopback_so(), dir.path(), "writable.so", 0o666);
+    let link = dir.path().join("link.so");
+    std::os::unix::fs::symlink(&writable, &link).expect("symlink");
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).expect("mkdir");
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let in_shared = copy_with_mode(&loopback_so(), &shared, "lib.so", 0o644);
+    let cases = [
+        (&writable, "is writable by group or others"),
+        (&link, "is writable by group or others"),
+        (&in_shared, "which group or others can write"),
+        (&dir.path().to_path_buf(), "is not a regular file"),
+    ];
+    for (path, reason) in cases {
+        let file = write_plugins_toml(
+            dir.path(),
+            &format!(
+                "[[plugins]]\nname = \"bad\"\npath = {:?}\n",
+                path.display().to_string()
+            ),
+        );
+        let out = cli(&["plugins", "--plugins", file.to_str().expect("utf8")]);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{}: accepted", path.display());
+        assert_eq!(stderr.lines().count(), 1, "one line, got:\n{stderr}");
+        assert!(
+            stderr.contains(reason) && stderr.contains("refusing to load it"),
+            "{}: {stderr:?} lacks {reason:?}",
+            path.display()
+        );
+    }
+}
+
+/// The file behind a pinned path is swapped back and forth with another driver while the
+/// host loads it: every load either refuses (hash mismatch) or loads the pinned driver.
+#[test]
+fn a_file_swapped_during_loading_never_runs_under_the_pinned_hash() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let pinned = copy_with_mode(&loopback_so(), dir.path(), "pinned-master.so", 0o644);
+    let other = copy_with_mode(&probe_so(), dir.path(), "other-master.so", 0o644);
+    let target = dir.path().join("driver.so");
+    std::fs::copy(&pinned, &target).expect("copy");
+    let catalogue = write_plugins_toml(
+        dir.path(),
+        &format!(
+            "[[plugins]]\nname = \"swapped\"\npath = {:?}\nsha256 = \"{}\"\n",
+            target.display().to_string(),
+            sha256_hex(&pinned)
+        ),
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (dir, stop, target) = (dir.path().to_path_buf(), stop.clone(), target.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let master = if n.is_multiple_of(2) { &other } else { &pinned };
+                let staged = dir.join(format!("staged-{n}"));
+                if std::fs::hard_link(master, &staged).is_ok() {
+                    let _ = std::fs::rename(&staged, &target);
+                }
+                n += 1;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            n
+        })
+    };
+    let (mut loaded, mut refused) = (0, 0);
+    for _ in 0..16 {
+        let out = cli(&[
+            "plugins",
+            "--plugins",
+            catalogue.to_str().expect("utf8"),
+            "--json",
+        ]);
+        if out.status.success() {
+            let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+            assert_eq!(
+                list[0]["driver"], "loopback",
+                "an unpinned library ran: {list}"
+            );
+            loaded += 1;
+        } else {
+            assert!(
+                text(&out.stderr).contains("but plugins.toml pins"),
+                "{}",
+                text(&out.stderr)
+            );
+            refused += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let swaps = swapper.join().expect("swapper");
+    assert!(swaps > 100, "the file was swapped only {swaps} times");
+    assert_eq!(loaded + refused, 16);
+}
+
+#[test]
+fn a_loopback_daemon_others_could_change_is_not_started() {
+    let cloud = LoopbackCloud::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let tampered = copy_with_mode(
+        &built("loopback-cloud"),
+        dir.path(),
+        "loopback-cloud",
+        0o777,
+    );
+    let catalogue = format!(
+        "[[plugins]]\nname = \"loopback\"\npath = {:?}\n\n[[instance_sets]]\nname = \"test\"\ndriver = \"loopback\"\nset_id = \"zzzzz-zzzzz-tampereddaemon0\"\n[instance_sets.parameters]\nstate_dir = {:?}\ndaemon_path = {:?}\n",
+        loopback_so().display().to_string(),
+        cloud.state_dir().display().to_string(),
+        tampered.display().to_string()
+    );
+    let file = write_plugins_toml(dir.path(), &catalogue);
+    let catalogue = Catalogue::load(&file).expect("catalogue");
+    let loaded = plugin::load(catalogue.plugin("loopback").expect("entry")).expect("load");
+    let entry = catalogue.instance_set("test").expect("set");
+    let err = loaded
+        .new_instance_set(entry, &Default::default())
+        .and_then(|set| set.instances(&Tags::new()).map(|_| ()))
+        .expect_err("a world-writable daemon was started");
+    let shown = err.to_string();
+    assert!(
+        shown.contains("is writable by group or others") && shown.contains("refusing to start it"),
+        "{shown}"
+    );
+    assert!(cloud.daemon_pid().is_none(), "the daemon ran");
+}

@@ -96,9 +96,16 @@ impl CloudClient {
             .append(true)
             .open(self.state_dir.join("daemon.log"))
             .map_err(|e| DriverError::other(format!("loopback daemon log: {e}")))?;
+        // Only a binary nobody else can change is started, as the host treats plugins.
+        let daemon = driver_abi::trust::check_trusted_file(&self.daemon_path).map_err(|why| {
+            DriverError::invalid_config(format!(
+                "daemon_path {} {why}; refusing to start it",
+                self.daemon_path.display()
+            ))
+        })?;
         // Detached: its own process group, no terminal and none of our stdio, so it neither
         // dies with the host nor holds a test harness's pipes open.
-        Command::new(&self.daemon_path)
+        Command::new(&daemon)
             .arg("--state-dir")
             .arg(&self.state_dir)
             .arg("--idle-exit-seconds")
@@ -152,7 +159,12 @@ pub fn daemon_beside_plugin() -> Option<PathBuf> {
     }
     // SAFETY: checked non-null above; the loader keeps the string alive while we are loaded.
     let file = unsafe { std::ffi::CStr::from_ptr(info.dli_fname) };
-    let file = PathBuf::from(file.to_str().ok()?);
+    let mut file = PathBuf::from(file.to_str().ok()?);
+    // A host that loads plugins through the descriptor it hashed (`/proc/self/fd/N`, kept
+    // open) names that; the link leads to the real file.
+    if file.starts_with("/proc/self/fd") {
+        file = std::fs::read_link(&file).ok()?;
+    }
     let candidate = file.parent()?.join("loopback-cloud");
     candidate.is_file().then_some(candidate)
 }

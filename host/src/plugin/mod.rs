@@ -1,5 +1,10 @@
 //! Loading driver plugins: hash, open, check the ABI, attach the host's services.
 //!
+//! The file is resolved, checked (owned by root or this user, writable by nobody else, in
+//! directories nobody else can write) and opened once; that descriptor is hashed and that same
+//! descriptor is loaded (`/proc/self/fd/N`), so what was hashed is what runs, however the path
+//! changes meanwhile. The descriptor stays open for the process's life, like the library.
+//!
 //! Each library is opened with `lib_header_from_path` + `init_root_module`, never with
 //! `RootModule::load_from_file`: the latter caches one module per interface type for the whole
 //! process, so a second driver would silently come back as the first. Libraries are never
@@ -7,8 +12,12 @@
 
 pub mod catalogue;
 
+use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use abi_stable::library::{lib_header_from_path, LibraryError, RootModule};
 use driver_abi::ffi::{DriverModuleRef, ABI_VERSION};
@@ -24,6 +33,12 @@ pub use catalogue::{Catalogue, CatalogueError, InstanceSetEntry, PluginEntry};
 pub enum LoadError {
     #[error("plugin {name}: {} does not exist", path.display())]
     Missing { name: String, path: PathBuf },
+    #[error("plugin {name}: {} {reason}; refusing to load it", path.display())]
+    Insecure {
+        name: String,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("plugin {name}: cannot read {}: {source}", path.display())]
     Unreadable {
         name: String,
@@ -108,8 +123,38 @@ impl LoadedPlugin {
     }
 }
 
-fn sha256_of(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
+/// Plugin files handed to the loader by this process, kept open for its life: each library was
+/// loaded through its descriptor's path (`/proc/self/fd/N`), which must keep naming that file.
+static LOADED_FILES: Mutex<Vec<File>> = Mutex::new(Vec::new());
+
+/// Resolves, checks and opens the plugin file once.
+fn open_checked(name: &str, path: &Path) -> Result<File, LoadError> {
+    let insecure = |reason: String| LoadError::Insecure {
+        name: name.to_string(),
+        path: path.to_path_buf(),
+        reason,
+    };
+    let real = driver_abi::trust::check_trusted_file(path).map_err(insecure)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&real)
+        .map_err(|source| LoadError::Unreadable {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            source,
+        })?;
+    // What was opened is what counts (the path could have changed since the check).
+    let meta = file.metadata().map_err(|source| LoadError::Unreadable {
+        name: name.to_string(),
+        path: path.to_path_buf(),
+        source,
+    })?;
+    driver_abi::trust::check_file(&meta).map_err(insecure)?;
+    Ok(file)
+}
+
+fn sha256_of(mut file: &File) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -215,10 +260,11 @@ fn summarize_abi_report(report: &str) -> String {
 pub fn load(entry: &PluginEntry) -> Result<LoadedPlugin, LoadError> {
     let name = entry.name.clone();
     let path = entry.path.clone();
-    if !path.is_file() {
+    if !path.exists() {
         return Err(LoadError::Missing { name, path });
     }
-    let sha256 = sha256_of(&path).map_err(|source| LoadError::Unreadable {
+    let file = open_checked(&name, &path)?;
+    let sha256 = sha256_of(&file).map_err(|source| LoadError::Unreadable {
         name: name.clone(),
         path: path.clone(),
         source,
@@ -238,7 +284,17 @@ pub fn load(entry: &PluginEntry) -> Result<LoadedPlugin, LoadError> {
         path: path.clone(),
         detail,
     };
-    let header = lib_header_from_path(&path).map_err(|e| {
+    // The descriptor that was hashed, not the path: a file swapped in meanwhile is not loaded.
+    let by_descriptor = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    let header = lib_header_from_path(&by_descriptor);
+    // Whatever came of it, the loader now knows a library by this descriptor's path and would
+    // hand it out again for the same name: the descriptor is never closed, so its number is
+    // never reused for another file.
+    LOADED_FILES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(file);
+    let header = header.map_err(|e| {
         log::debug!("plugin={name} abi_stable report:\n{e}");
         match e {
             LibraryError::OpenError { err, .. } => not_a_plugin(format!("cannot open it: {err}")),
@@ -276,6 +332,12 @@ pub fn load(entry: &PluginEntry) -> Result<LoadedPlugin, LoadError> {
             _ => incompatible(first_line(&report)),
         }
     })?;
+    if entry.sha256.is_none() {
+        log::warn!(
+            "plugin={name} {} is not pinned: add sha256 = \"{sha256}\" to its catalogue entry so a changed file is refused",
+            path.display()
+        );
+    }
     let driver = ImportedDriver::new(module);
     let driver_name = driver.name();
     driver.attach_logger(&driver_name);

@@ -18,7 +18,7 @@
 //! | any             | run            | run probe reports `broken`, or SIGTERM ignored      | behaviour → drain |
 //! | any             | —              | management `kill`                                   | shutdown |
 //! | shutdown        | —              | still listed `shutdown` after destroy               | destroy again |
-//! | any             | —              | no longer listed by the cloud                       | removed |
+//! | any             | —              | missing from two cloud listings in a row            | removed |
 
 use std::time::Duration;
 

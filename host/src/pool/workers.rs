@@ -151,6 +151,8 @@ pub struct Pool {
     backoff: CreateBackoff,
     started_at: Instant,
     listed_once: bool,
+    /// Listings applied since start (saturating at 2: all that matters is "settled").
+    listings: u8,
     next_probe_slot: Instant,
 }
 
@@ -165,6 +167,7 @@ impl Pool {
             backoff: CreateBackoff::default(),
             started_at: now,
             listed_once: false,
+            listings: 0,
             next_probe_slot: now,
         }
     }
@@ -176,6 +179,11 @@ impl Pool {
 
     pub fn listed_once(&self) -> bool {
         self.listed_once
+    }
+
+    /// Two listings have come back since start: an instance absent from both is gone.
+    pub fn listings_settled(&self) -> bool {
+        self.listings >= 2
     }
 
     /// Every worker listed at start-up has been probed, or the stale-lock time passed: only
@@ -321,6 +329,7 @@ impl Pool {
             );
         }
         self.listed_once = true;
+        self.listings = self.listings.saturating_add(1).min(2);
         effects
     }
 
@@ -718,6 +727,7 @@ impl Pool {
                 status: w.status.clone(),
                 accepts_work: w.behavior == IdleBehavior::Run,
                 foreign_runners: foreign.contains(id),
+                probed: w.last_probe_ok.is_some(),
             })
             .chain(self.pending.iter().map(|(n, p)| WorkerSlot {
                 id: SlotId::Pending(*n),
@@ -725,6 +735,7 @@ impl Pool {
                 status: WorkerStatus::Booting,
                 accepts_work: true,
                 foreign_runners: false,
+                probed: false,
             }))
             .collect();
         slots.sort_by(|a, b| a.id.cmp(&b.id));

@@ -43,6 +43,9 @@ pub struct WorkerSlot {
     pub accepts_work: bool,
     /// Runners on it whose container the queue does not know: the worker counts as full.
     pub foreign_runners: bool,
+    /// A run probe of it succeeded since this process started: what it does not list, it
+    /// does not run.
+    pub probed: bool,
 }
 
 /// What a runner on some worker reported for a container.
@@ -89,6 +92,8 @@ pub struct PlanInput<'a> {
     /// Every worker listed at start-up has been probed (or the stale-lock timeout passed):
     /// only then may locks from a previous run be treated as stale.
     pub pool_recovered: bool,
+    /// Two listings have come back since start: a VM absent from both is really gone.
+    pub listings_settled: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -307,16 +312,23 @@ pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
 
 /// The syncer: reconciles each container with what its runner reports (reference §1.2).
 fn sync(input: &PlanInput<'_>, actions: &mut Vec<Action>) {
-    // A container's run is judged gone only once its own worker has been probed.
-    let unprobed: HashSet<&str> = input
+    // A run is judged gone only on evidence: its own worker was probed and does not list it,
+    // or that VM is absent from two listings.
+    let probed: HashMap<&str, bool> = input
         .workers
         .iter()
-        .filter(|w| w.status == WorkerStatus::Unknown)
         .filter_map(|w| match &w.id {
-            SlotId::Instance(id) => Some(id.as_str()),
+            SlotId::Instance(id) => Some((id.as_str(), w.probed)),
             _ => None,
         })
         .collect();
+    let run_gone = |c: &Container| match c.instance_id.as_deref() {
+        Some(worker) => match probed.get(worker) {
+            Some(probed) => *probed,
+            None => input.listings_settled,
+        },
+        None => input.listings_settled,
+    };
     for c in input.containers {
         let seen = input.runners.get(&c.id);
         match (c.state, seen) {
@@ -363,13 +375,7 @@ fn sync(input: &PlanInput<'_>, actions: &mut Vec<Action>) {
                     worker: worker.clone(),
                 })
             }
-            (ContainerState::Running, None)
-                if input.pool_recovered
-                    && !c
-                        .instance_id
-                        .as_deref()
-                        .is_some_and(|w| unprobed.contains(w)) =>
-            {
+            (ContainerState::Running, None) if input.pool_recovered && run_gone(c) => {
                 actions.push(Action::AttemptFailed {
                     container: c.id.clone(),
                     reason: "its run vanished: no worker lists it".into(),
@@ -613,6 +619,7 @@ fn map(input: &PlanInput<'_>, actions: &mut Vec<Action>) {
                         status: WorkerStatus::Booting,
                         accepts_work: true,
                         foreign_runners: false,
+                        probed: false,
                     }),
                     free,
                     count: 1,
@@ -757,6 +764,7 @@ mod tests {
             status,
             accepts_work: true,
             foreign_runners: false,
+            probed: true,
         }
     }
 
@@ -843,6 +851,7 @@ mod tests {
                 at_capacity: &at_capacity,
                 creates_allowed: if row.flags.create_held { 0 } else { usize::MAX },
                 pool_recovered: !row.flags.not_recovered,
+                listings_settled: true,
             };
             assert_eq!(plan(&input), row.expect, "row: {}", row.name);
         }
@@ -1065,7 +1074,10 @@ mod tests {
                     instance_id: Some("i1".into()),
                     ..c("a", ContainerState::Running, 1, 1, 1)
                 }],
-                workers: vec![w("i1", "small", Unknown)],
+                workers: vec![WorkerSlot {
+                    probed: false,
+                    ..w("i1", "small", Unknown)
+                }],
                 runners: vec![],
                 flags: Flags::default(),
                 expect: vec![],
@@ -1184,6 +1196,7 @@ mod tests {
                 at_capacity: &no_capacity,
                 creates_allowed: [0, 1, 3][pass % 3],
                 pool_recovered: true,
+                listings_settled: true,
             };
             for action in plan(&input) {
                 match action {
