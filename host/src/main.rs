@@ -261,95 +261,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             env,
             wait,
             command,
-        } => {
-            let mut env_map = BTreeMap::new();
-            for kv in env {
-                let (k, v) = kv
-                    .split_once('=')
-                    .ok_or_else(|| anyhow!("--env {kv:?}: expected K=V"))?;
-                env_map.insert(k.to_string(), v.to_string());
-            }
-            let new = NewContainer {
-                command,
-                env: env_map,
-                working_dir: workdir,
-                image,
-                priority,
-                runtime_constraints: RuntimeConstraints {
-                    vcpus,
-                    ram_bytes: Size::parse(&ram).map_err(|e| anyhow!("--ram: {e}"))?.0,
-                    scratch_bytes: Size::parse(&scratch)
-                        .map_err(|e| anyhow!("--scratch: {e}"))?
-                        .0,
-                    gpus,
-                    preemptible,
-                },
-            };
-            let client = client(&server)?;
-            let c = client.submit(&new)?;
-            println!("{}", c.id);
-            if !wait {
-                return Ok(ExitCode::SUCCESS);
-            }
-            let mut last = c.state;
-            eprintln!("{} {:?}", c.id, last);
-            loop {
-                std::thread::sleep(Duration::from_millis(100));
-                let now = client.get(&c.id)?;
-                if now.state != last {
-                    last = now.state;
-                    eprintln!(
-                        "{} {:?}{}",
-                        now.id,
-                        now.state,
-                        now.instance_id
-                            .as_deref()
-                            .map(|i| format!(" on {i}"))
-                            .unwrap_or_default()
-                    );
-                }
-                match now.state {
-                    ContainerState::Complete => {
-                        let code = now.exit_code.unwrap_or(1);
-                        return Ok(ExitCode::from(
-                            u8::try_from(code.clamp(0, 255)).unwrap_or(1),
-                        ));
-                    }
-                    ContainerState::Cancelled => {
-                        eprintln!("cancelled: {}", now.runtime_error.unwrap_or_default());
-                        return Ok(ExitCode::from(CANCELLED_EXIT));
-                    }
-                    _ => {}
-                }
-            }
-        }
-        Command::Ps { server, json } => {
-            let list = client(&server)?.list()?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
-            } else {
-                println!(
-                    "{:<27} {:<9} {:>4} {:>4} {:<8} {:<12} COMMAND",
-                    "ID", "STATE", "PRIO", "EXIT", "TYPE", "INSTANCE"
-                );
-                for c in list {
-                    // A waiting container says why instead of where it ran.
-                    let waiting = c.scheduling_status.map(|s| format!("  [{s}]"));
-                    println!(
-                        "{:<27} {:<9} {:>4} {:>4} {:<8} {:<12} {}{}",
-                        c.id,
-                        c.state.as_str(),
-                        c.priority,
-                        c.exit_code.map(|e| e.to_string()).unwrap_or_default(),
-                        c.instance_type.unwrap_or_default(),
-                        c.instance_id.unwrap_or_default(),
-                        c.command.join(" "),
-                        waiting.unwrap_or_default()
-                    );
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        } => submit(
+            server,
+            vcpus,
+            ram,
+            scratch,
+            gpus,
+            preemptible,
+            priority,
+            image,
+            workdir,
+            env,
+            wait,
+            command,
+        ),
+        Command::Ps { server, json } => ps(server, json),
         Command::Logs { server, id } => {
             let client = client(&server)?;
             use std::io::Write;
@@ -371,48 +297,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{} priority {}", c.id, c.priority);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Instances { server, json } => {
-            let list = client(&server)?.instances()?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
-            } else {
-                println!(
-                    "{:<12} {:<8} {:<9} {:<6} {:<16} {:<24} REASON",
-                    "ID", "TYPE", "STATE", "IDLE", "ADDRESS", "CONTAINERS"
-                );
-                for i in list {
-                    println!(
-                        "{:<12} {:<8} {:<9} {:<6} {:<16} {:<24} {}",
-                        if i.id.is_empty() { "(creating)" } else { &i.id },
-                        i.instance_type.unwrap_or_default(),
-                        i.state.as_str(),
-                        i.idle_behavior.as_str(),
-                        i.address,
-                        i.containers.join(","),
-                        i.reason.unwrap_or_default()
-                    );
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::CheckConfig { config } => match ClusterConfig::load(config.as_deref()) {
-            Ok(_) => {
-                println!(
-                    "{}: OK",
-                    config
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_else(|| "(defaults)".into())
-                );
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(e) => {
-                for p in &e.problems {
-                    eprintln!("{p}");
-                }
-                eprintln!("{} problem(s)", e.problems.len());
-                Ok(ExitCode::FAILURE)
-            }
-        },
+        Command::Instances { server, json } => instances(server, json),
+        Command::CheckConfig { config } => check_config(config),
         Command::Plugins { plugins, json } => list_plugins(&plugins, json),
         Command::DriverTest {
             plugins,
@@ -438,6 +324,161 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             driver_test(&plugins, &instance_set, &options)
         }
         Command::Runner { .. } => bail!("runner is handled before argument parsing"),
+    }
+}
+
+/// `submit`: builds the submission from the flags, sends it, and with `--wait` follows it.
+#[allow(clippy::too_many_arguments)]
+fn submit(
+    server: ServerArgs,
+    vcpus: u32,
+    ram: String,
+    scratch: String,
+    gpus: u32,
+    preemptible: bool,
+    priority: i64,
+    image: Option<String>,
+    workdir: Option<String>,
+    env: Vec<String>,
+    wait: bool,
+    command: Vec<String>,
+) -> anyhow::Result<ExitCode> {
+    let mut env_map = BTreeMap::new();
+    for kv in env {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--env {kv:?}: expected K=V"))?;
+        env_map.insert(k.to_string(), v.to_string());
+    }
+    let new = NewContainer {
+        command,
+        env: env_map,
+        working_dir: workdir,
+        image,
+        priority,
+        runtime_constraints: RuntimeConstraints {
+            vcpus,
+            ram_bytes: Size::parse(&ram).map_err(|e| anyhow!("--ram: {e}"))?.0,
+            scratch_bytes: Size::parse(&scratch)
+                .map_err(|e| anyhow!("--scratch: {e}"))?
+                .0,
+            gpus,
+            preemptible,
+        },
+    };
+    let client = client(&server)?;
+    let c = client.submit(&new)?;
+    println!("{}", c.id);
+    if !wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut last = c.state;
+    eprintln!("{} {:?}", c.id, last);
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = client.get(&c.id)?;
+        if now.state != last {
+            last = now.state;
+            eprintln!(
+                "{} {:?}{}",
+                now.id,
+                now.state,
+                now.instance_id
+                    .as_deref()
+                    .map(|i| format!(" on {i}"))
+                    .unwrap_or_default()
+            );
+        }
+        match now.state {
+            ContainerState::Complete => {
+                let code = now.exit_code.unwrap_or(1);
+                return Ok(ExitCode::from(
+                    u8::try_from(code.clamp(0, 255)).unwrap_or(1),
+                ));
+            }
+            ContainerState::Cancelled => {
+                eprintln!("cancelled: {}", now.runtime_error.unwrap_or_default());
+                return Ok(ExitCode::from(CANCELLED_EXIT));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `ps`: the containers, newest first.
+fn ps(server: ServerArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let list = client(&server)?.list()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        println!(
+            "{:<27} {:<9} {:>4} {:>4} {:<8} {:<12} COMMAND",
+            "ID", "STATE", "PRIO", "EXIT", "TYPE", "INSTANCE"
+        );
+        for c in list {
+            // A waiting container says why instead of where it ran.
+            let waiting = c.scheduling_status.map(|s| format!("  [{s}]"));
+            println!(
+                "{:<27} {:<9} {:>4} {:>4} {:<8} {:<12} {}{}",
+                c.id,
+                c.state.as_str(),
+                c.priority,
+                c.exit_code.map(|e| e.to_string()).unwrap_or_default(),
+                c.instance_type.unwrap_or_default(),
+                c.instance_id.unwrap_or_default(),
+                c.command.join(" "),
+                waiting.unwrap_or_default()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `instances`: the VMs as the dispatcher sees them.
+fn instances(server: ServerArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let list = client(&server)?.instances()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        println!(
+            "{:<12} {:<8} {:<9} {:<6} {:<16} {:<24} REASON",
+            "ID", "TYPE", "STATE", "IDLE", "ADDRESS", "CONTAINERS"
+        );
+        for i in list {
+            println!(
+                "{:<12} {:<8} {:<9} {:<6} {:<16} {:<24} {}",
+                if i.id.is_empty() { "(creating)" } else { &i.id },
+                i.instance_type.unwrap_or_default(),
+                i.state.as_str(),
+                i.idle_behavior.as_str(),
+                i.address,
+                i.containers.join(","),
+                i.reason.unwrap_or_default()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `check-config`: every problem of the file at once.
+fn check_config(config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    match ClusterConfig::load(config.as_deref()) {
+        Ok(_) => {
+            println!(
+                "{}: OK",
+                config
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "(defaults)".into())
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            for p in &e.problems {
+                eprintln!("{p}");
+            }
+            eprintln!("{} problem(s)", e.problems.len());
+            Ok(ExitCode::FAILURE)
+        }
     }
 }
 
