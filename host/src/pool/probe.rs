@@ -26,9 +26,13 @@ pub enum RemoteError {
 }
 
 impl RemoteError {
-    /// The VM's identity could not be established: worth a warning and a reason on the VM.
-    pub fn is_host_key_refused(&self) -> bool {
-        matches!(self, RemoteError::Ssh(SshError::HostKeyRefused { .. }))
+    /// The VM refused us or we refused it (host key, our key): a fault to show an operator,
+    /// not a VM still booting.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            RemoteError::Ssh(SshError::HostKeyRefused { .. } | SshError::AuthRefused { .. })
+        )
     }
 }
 

@@ -463,7 +463,7 @@ impl Pool {
             Ok(list) => list,
             Err(e) => {
                 let reason = e.to_string();
-                if e.is_host_key_refused() && w.reason.as_deref() != Some(reason.as_str()) {
+                if e.is_refusal() && w.reason.as_deref() != Some(reason.as_str()) {
                     log::warn!("instance={id} not used: {reason}");
                 } else {
                     log::debug!("instance={id} probe failed: {reason}");

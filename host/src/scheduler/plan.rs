@@ -509,7 +509,12 @@ fn map(input: &PlanInput<'_>, actions: &mut Vec<Action>) {
     // Bucketed by free vCPUs, so a container skips every worker with too few at once.
     let mut open = OpenSlots::new(input.types);
     for (i, s) in slots.iter().enumerate() {
-        if s.worker.accepts_work && !s.full(input.max_per_instance) {
+        // A VM never probed by this process may never answer (another key, a dead VM): work
+        // waits for it only once a probe has seen it, never on faith.
+        if s.worker.accepts_work
+            && s.worker.status != WorkerStatus::Unknown
+            && !s.full(input.max_per_instance)
+        {
             open.insert(s, i);
         }
     }
@@ -996,6 +1001,14 @@ mod tests {
                 runners: vec![],
                 flags: Flags { not_recovered: true, ..Default::default() },
                 expect: vec![],
+            },
+            Row {
+                name: "a VM not yet probed takes no work: create instead of waiting on it",
+                containers: vec![c("a", Queued, 1, 1, 1)],
+                workers: vec![w("i1", "small", Unknown)],
+                runners: vec![],
+                flags: Flags::default(),
+                expect: vec![create("small", "a")],
             },
             Row {
                 name: "hold and drain workers take no new work",
