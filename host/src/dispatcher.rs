@@ -587,12 +587,30 @@ impl Dispatcher {
             at_capacity: &|t| input.at_capacity.contains(&t.provider_type),
             create_trouble: &|t| self.pool.create_trouble(&t.name, now),
         };
+        // The reason depends on the constraints and whether priority is 0, not on the
+        // container: worked out once per shape (a queue of 100k holds few shapes).
+        let mut by_shape: HashMap<(u32, u64, u64, u32, bool, bool), String> = HashMap::new();
         let waiting: HashMap<String, String> = input
             .containers
             .iter()
             .filter(|c| matches!(c.state, ContainerState::Queued | ContainerState::Locked))
             .filter(|c| !input.runners.contains_key(&c.id) && !started.contains(c.id.as_str()))
-            .map(|c| (c.id.clone(), waiting_reason(c, &pressure)))
+            .map(|c| {
+                let rc = &c.runtime_constraints;
+                let shape = (
+                    rc.vcpus,
+                    rc.ram_bytes,
+                    rc.scratch_bytes,
+                    rc.gpus,
+                    rc.preemptible,
+                    c.priority < 1,
+                );
+                let reason = by_shape
+                    .entry(shape)
+                    .or_insert_with(|| waiting_reason(c, &pressure))
+                    .clone();
+                (c.id.clone(), reason)
+            })
             .collect();
         if let Ok(mut slot) = self.handle.waiting.lock() {
             *slot = waiting;

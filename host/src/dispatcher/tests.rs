@@ -442,6 +442,19 @@ impl Rig {
         }
     }
 
+    /// Waits (in paused time) until the container `id` is in `state`.
+    async fn until_state(&self, id: &str, state: ContainerState) {
+        self.eventually(state.as_str(), MINUTE, || self.state(id) == state)
+            .await;
+    }
+
+    /// Submits a container and waits until it runs.
+    async fn submit_running(&self) -> String {
+        let id = self.submit();
+        self.until_state(&id, ContainerState::Running).await;
+        id
+    }
+
     async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -457,18 +470,11 @@ const MINUTE: Duration = Duration::from_secs(60);
 #[tokio::test(start_paused = true)]
 async fn a_start_is_recorded_running_and_its_result_complete() {
     let rig = Rig::start();
-    let id = rig.submit();
-    rig.eventually("Running", MINUTE, || {
-        rig.state(&id) == ContainerState::Running
-    })
-    .await;
+    let id = rig.submit_running().await;
     let vm = rig.vm_of(&id);
     rig.world
         .with_vm(&vm, |vm| vm.runs.insert(id.clone(), Some(7)));
-    rig.eventually("Complete", MINUTE, || {
-        rig.state(&id) == ContainerState::Complete
-    })
-    .await;
+    rig.until_state(&id, ContainerState::Complete).await;
     let c = rig.container(&id);
     assert_eq!(c.exit_code, Some(7));
     let log = std::path::Path::new(c.log_dir.as_deref().expect("log dir")).join("stdout");
@@ -491,11 +497,7 @@ async fn a_start_is_recorded_running_and_its_result_complete() {
 #[tokio::test(start_paused = true)]
 async fn cancel_sends_sigterm_and_a_runner_ignoring_it_drains_its_vm() {
     let rig = Rig::start();
-    let id = rig.submit();
-    rig.eventually("Running", MINUTE, || {
-        rig.state(&id) == ContainerState::Running
-    })
-    .await;
+    let id = rig.submit_running().await;
     let vm = rig.vm_of(&id);
     rig.world.with_vm(&vm, |vm| vm.ignore_sigterm = true);
     rig.queue.cancel(&id, "user asked").expect("cancel");
@@ -530,11 +532,7 @@ async fn cancel_sends_sigterm_and_a_runner_ignoring_it_drains_its_vm() {
 #[tokio::test(start_paused = true)]
 async fn a_failed_destroy_is_retried() {
     let rig = Rig::start_with(|c| c.destroy_failures_left.store(2, Ordering::SeqCst));
-    let id = rig.submit();
-    rig.eventually("Running", MINUTE, || {
-        rig.state(&id) == ContainerState::Running
-    })
-    .await;
+    let id = rig.submit_running().await;
     let vm = rig.vm_of(&id);
     rig.world
         .with_vm(&vm, |vm| vm.runs.insert(id.clone(), Some(0)));
@@ -549,11 +547,7 @@ async fn a_failed_destroy_is_retried() {
 #[tokio::test(start_paused = true)]
 async fn an_instance_gone_from_the_listing_has_its_container_requeued() {
     let rig = Rig::start();
-    let id = rig.submit();
-    rig.eventually("Running", MINUTE, || {
-        rig.state(&id) == ContainerState::Running
-    })
-    .await;
+    let id = rig.submit_running().await;
     let first = rig.container(&id).instance_id.expect("instance");
     // The VM vanishes behind the dispatcher's back.
     rig.cloud.instances.lock().expect("cloud").remove(&first);
@@ -608,11 +602,7 @@ async fn a_start_reported_failed_that_runs_anyway_is_adopted_not_rerun() {
 #[tokio::test(start_paused = true)]
 async fn a_vm_missing_from_one_listing_is_kept() {
     let rig = Rig::start();
-    let id = rig.submit();
-    rig.eventually("Running", MINUTE, || {
-        rig.state(&id) == ContainerState::Running
-    })
-    .await;
+    let id = rig.submit_running().await;
     let instance = rig.container(&id).instance_id.expect("instance");
     let hidden = rig
         .cloud
@@ -667,11 +657,7 @@ async fn a_vm_that_never_answers_is_shut_down_at_the_boot_timeout() {
 #[tokio::test(start_paused = true)]
 async fn a_vm_that_stops_answering_is_shut_down_at_the_probe_timeout() {
     let rig = Rig::start();
-    let id = rig.submit();
-    rig.eventually("Running", MINUTE, || {
-        rig.state(&id) == ContainerState::Running
-    })
-    .await;
+    let id = rig.submit_running().await;
     let vm = rig.vm_of(&id);
     let instance = rig.container(&id).instance_id.expect("instance");
     rig.world.vms.lock().expect("world").remove(&vm);
@@ -691,18 +677,11 @@ async fn a_vm_that_stops_answering_is_shut_down_at_the_probe_timeout() {
 #[tokio::test(start_paused = true)]
 async fn an_idle_vm_is_shut_down_after_the_idle_timeout_and_not_before() {
     let rig = Rig::start();
-    let id = rig.submit();
-    rig.eventually("Running", MINUTE, || {
-        rig.state(&id) == ContainerState::Running
-    })
-    .await;
+    let id = rig.submit_running().await;
     let vm = rig.vm_of(&id);
     rig.world
         .with_vm(&vm, |vm| vm.runs.insert(id.clone(), Some(0)));
-    rig.eventually("Complete", MINUTE, || {
-        rig.state(&id) == ContainerState::Complete
-    })
-    .await;
+    rig.until_state(&id, ContainerState::Complete).await;
     let idle_since = Instant::now();
     rig.eventually("the idle VM destroyed", 3 * MINUTE, || {
         rig.cloud.ids().is_empty()
@@ -719,11 +698,7 @@ async fn an_idle_vm_is_shut_down_after_the_idle_timeout_and_not_before() {
 #[tokio::test(start_paused = true)]
 async fn an_address_change_at_a_listing_retargets_the_executor() {
     let rig = Rig::start();
-    let id = rig.submit();
-    rig.eventually("Running", MINUTE, || {
-        rig.state(&id) == ContainerState::Running
-    })
-    .await;
+    let id = rig.submit_running().await;
     let old = rig.vm_of(&id);
     let instance = rig.container(&id).instance_id.expect("instance");
     // The cloud moves the VM (a new private IP after a host migration, say).
@@ -754,10 +729,7 @@ async fn an_address_change_at_a_listing_retargets_the_executor() {
     // Its container finishes there and is recorded.
     rig.world
         .with_vm("vm-moved", |vm| vm.runs.insert(id.clone(), Some(0)));
-    rig.eventually("Complete", MINUTE, || {
-        rig.state(&id) == ContainerState::Complete
-    })
-    .await;
+    rig.until_state(&id, ContainerState::Complete).await;
     rig.stop().await;
 }
 

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::backoff::CreateBackoff;
 use super::probe::RemoteError;
-use super::seams::{CreateError, Endpoint, Exec, ExecFactory, Listed};
+use super::seams::{CreateError, Exec, ExecFactory, Listed};
 use super::state::{self, after_probe, Decision, Facts, IdleBehavior};
 use super::tags;
 use super::view::{InstanceState, InstanceView};
@@ -817,10 +817,5 @@ impl Pool {
         }));
         views.sort_by(|a, b| a.id.cmp(&b.id));
         views
-    }
-
-    /// A listed endpoint, for tests and the view.
-    pub fn endpoint(&self, worker: &str) -> Option<Endpoint> {
-        Some(self.workers.get(worker)?.listed.endpoint())
     }
 }
