@@ -23,10 +23,23 @@ use crate::protocol::{ErrorKind, Faults, Request, Response, VmInfo, WireError};
 /// under it): everything a VM started dies with it, as on a real machine. Processes are found by
 /// the variable every command of a loopback VM inherits.
 pub fn kill_vm_processes(root: &std::path::Path, below: bool) {
+    // A process caught mid-fork can leave a child the sweep did not see: sweep again until one
+    // finds nothing (bounded, in case something keeps respawning).
+    for _ in 0..20 {
+        if kill_sweep(root, below) == 0 {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// One pass over /proc; returns how many processes it signalled.
+fn kill_sweep(root: &std::path::Path, below: bool) -> usize {
     let marker = format!("{}={}", protocol::VM_ROOT_ENV, root.display());
     let Ok(procs) = std::fs::read_dir("/proc") else {
-        return;
+        return 0;
     };
+    let mut signalled = 0;
     for entry in procs.flatten() {
         let Some(pid) = entry
             .file_name()
@@ -35,6 +48,7 @@ pub fn kill_vm_processes(root: &std::path::Path, below: bool) {
         else {
             continue;
         };
+        // A zombie's environ reads empty, so the already-killed are not counted again.
         let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
             continue;
         };
@@ -50,8 +64,10 @@ pub fn kill_vm_processes(root: &std::path::Path, below: bool) {
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
             }
+            signalled += 1;
         }
     }
+    signalled
 }
 
 /// The tag holding the set ID on every VM the dispatcher creates.

@@ -56,6 +56,9 @@ pub struct Cloud {
     dir: PathBuf,
     /// A std mutex: no lock is held across an await.
     state: Mutex<CloudState>,
+    /// Held from a record's change until it is on disk, so that two changes to one VM (its tags
+    /// and its boot finishing) are written in the order they were made, never the older last.
+    record_writes: Mutex<()>,
 }
 
 fn now_ms() -> i64 {
@@ -106,6 +109,7 @@ impl Cloud {
         Arc::new(Cloud {
             dir,
             state: Mutex::new(CloudState::default()),
+            record_writes: Mutex::new(()),
         })
     }
 
@@ -200,6 +204,10 @@ impl Cloud {
     }
 
     fn update<F: FnOnce(&mut VmRecord)>(&self, id: &str, f: F) {
+        let _writing = self
+            .record_writes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let record = {
             let mut st = self.lock();
             let Some(vm) = st.vms.get_mut(id) else { return };
