@@ -157,8 +157,11 @@ pub struct Limits {
     pub max_running_containers_per_instance: usize,
     /// Eligible types cost at most this times the cheapest fitting one.
     pub maximum_price_factor: f64,
-    /// A container unlocked this many times is cancelled.
+    /// A container whose starts failed this many times is cancelled.
     pub max_dispatch_attempts: u32,
+    /// Per container and stream: a longer stdout or stderr keeps its first this many bytes,
+    /// then a line saying it was truncated.
+    pub max_log_bytes: u64,
 }
 
 impl Default for Limits {
@@ -171,6 +174,7 @@ impl Default for Limits {
             max_running_containers_per_instance: 0,
             maximum_price_factor: 1.5,
             max_dispatch_attempts: 10,
+            max_log_bytes: 100 << 20,
         }
     }
 }
@@ -302,6 +306,7 @@ const LIMITS_FIELDS: &[&str] = &[
     "max_running_containers_per_instance",
     "maximum_price_factor",
     "max_dispatch_attempts",
+    "max_log_bytes",
 ];
 
 const INSTANCE_TYPE_FIELDS: &[&str] = &[
@@ -679,6 +684,7 @@ impl Reader<'_> {
             }
         }
         self.set(t, "max_dispatch_attempts", &mut out.max_dispatch_attempts);
+        self.set(t, "max_log_bytes", &mut out.max_log_bytes);
         out
     }
 

@@ -23,8 +23,8 @@ use crate::pool::{
     ProbeJob, ProbeReport, Started,
 };
 use crate::queue::ContainerState;
-use crate::queue::{Container, Queue, QueueError};
-use crate::runner::ContainerSpec;
+use crate::queue::{Container, Queue, QueueError, RunResult};
+use crate::runner::{ContainerSpec, RunEntry, RunList, WatchLine};
 use crate::scheduler::status::{waiting_reason, Pressure};
 use crate::scheduler::{outcome, plan, Action, Outcome, PlanInput};
 
@@ -59,6 +59,22 @@ enum Event {
         container: String,
         worker: String,
         gave_up: bool,
+    },
+    /// The first line of a worker's event stream, asked for at `launched`.
+    WatchSnapshot {
+        worker: String,
+        launched: Instant,
+        list: RunList,
+    },
+    /// A run on the worker started, ended or went stale (its event stream said so).
+    RunSeen {
+        worker: String,
+        entry: RunEntry,
+    },
+    /// The worker's event stream ended.
+    WatchEnded {
+        worker: String,
+        error: Option<RemoteError>,
     },
     /// A finalize or forget finished: the container's op lock is free. When the run was
     /// forgotten on the VM the pool stops reporting it; when not, it is retried after a while.
@@ -108,6 +124,7 @@ struct Settings {
     max_dispatch_attempts: u32,
     maximum_price_factor: f64,
     max_per_instance: usize,
+    max_log_bytes: u64,
 }
 
 pub struct Dispatcher {
@@ -185,6 +202,7 @@ impl Dispatcher {
                 max_dispatch_attempts: config.limits.max_dispatch_attempts,
                 maximum_price_factor: config.limits.maximum_price_factor,
                 max_per_instance: config.limits.max_running_containers_per_instance,
+                max_log_bytes: config.limits.max_log_bytes,
             },
             queue,
             cloud,
@@ -307,6 +325,29 @@ impl Dispatcher {
                 worker,
                 result,
             } => self.apply_started(container, worker, result, now),
+            Event::WatchSnapshot {
+                worker,
+                launched,
+                list,
+            } => {
+                let effects = self.pool.apply_snapshot(&worker, launched, list, now);
+                self.execute(effects);
+            }
+            Event::RunSeen { worker, entry } => {
+                log::debug!(
+                    "container={} instance={worker} runner reports {:?}",
+                    entry.id,
+                    entry.state
+                );
+                self.pool.apply_run_event(&worker, entry, now);
+            }
+            Event::WatchEnded { worker, error } => {
+                match error {
+                    Some(e) => log::debug!("instance={worker} event stream ended: {e}"),
+                    None => log::debug!("instance={worker} event stream ended"),
+                }
+                self.pool.watch_ended(&worker, now);
+            }
             Event::Killed {
                 container,
                 worker,
@@ -327,7 +368,7 @@ impl Dispatcher {
             } => {
                 self.busy.remove(&container);
                 if forgotten {
-                    self.pool.runner_forgotten(&worker, &container);
+                    self.pool.runner_forgotten(&worker, &container, now);
                     self.retry_at.remove(&container);
                 } else {
                     self.retry_at
@@ -429,6 +470,7 @@ impl Dispatcher {
                 Effect::AttemptFailed { container, reason } => {
                     self.attempt_failed(&container, &reason)
                 }
+                Effect::Watch { worker, exec, sudo } => self.watch(worker, exec, sudo),
             }
         }
     }
@@ -485,6 +527,49 @@ impl Dispatcher {
                 started: job.started,
                 report: ProbeReport { booted, list },
             }
+        });
+    }
+
+    /// Follows the worker's event stream: its snapshot and each change become events, so a
+    /// container's end is acted on the moment the runner sees it, not at the next probe.
+    fn watch(&self, worker: String, exec: Arc<dyn Exec>, sudo: bool) {
+        let binary = self.binary.clone();
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let launched = Instant::now();
+            let remote = Remote {
+                binary: &binary,
+                sudo,
+            };
+            let (lines_tx, mut lines) = mpsc::channel::<WatchLine>(64);
+            let stream = remote.watch(&*exec, lines_tx);
+            let forward = async {
+                while let Some(line) = lines.recv().await {
+                    let event = match line {
+                        WatchLine::Snapshot(list) => Event::WatchSnapshot {
+                            worker: worker.clone(),
+                            launched,
+                            list,
+                        },
+                        WatchLine::Run(entry) => Event::RunSeen {
+                            worker: worker.clone(),
+                            entry,
+                        },
+                        WatchLine::Heartbeat => continue,
+                    };
+                    if events.send(event).await.is_err() {
+                        // The dispatcher stopped.
+                        return;
+                    }
+                }
+            };
+            let (result, ()) = tokio::join!(stream, forward);
+            let _ = events
+                .send(Event::WatchEnded {
+                    worker,
+                    error: result.err(),
+                })
+                .await;
         });
     }
 
@@ -768,6 +853,7 @@ impl Dispatcher {
         let binary = self.binary.clone();
         let queue = Arc::clone(&self.queue);
         let dir = self.settings.log_dir.join(&c.id);
+        let cap = self.settings.max_log_bytes;
         let worker = worker.to_string();
         self.spawn(async move {
             let remote = Remote {
@@ -775,7 +861,7 @@ impl Dispatcher {
                 sudo,
             };
             let id = c.id.clone();
-            let result = record_result(&remote, &*exec, &*queue, &c, &worker, &dir).await;
+            let result = record_result(&remote, &*exec, &*queue, &c, &worker, &dir, cap).await;
             if let Err(e) = &result {
                 log::warn!("container={id} instance={worker} recording the result failed: {e}");
             }
@@ -862,17 +948,12 @@ impl Dispatcher {
 enum RecordError {
     #[error(transparent)]
     Remote(#[from] RemoteError),
-    #[error("saving {path}: {source}")]
-    Save {
-        path: String,
-        source: std::io::Error,
-    },
     #[error(transparent)]
     Queue(#[from] QueueError),
 }
 
-/// Fetches a finished runner's exit status and logs, records the outcome, then forgets the
-/// run on the VM (only once the result is safely in the queue).
+/// Fetches a finished runner's exit status and logs in one streamed command, records the
+/// outcome, then forgets the run on the VM (only once the result is safely in the queue).
 async fn record_result(
     remote: &Remote<'_>,
     exec: &dyn Exec,
@@ -880,25 +961,11 @@ async fn record_result(
     c: &Container,
     worker: &str,
     dir: &std::path::Path,
+    max_log_bytes: u64,
 ) -> Result<(), RecordError> {
     let id = &c.id;
-    let list = remote.list(exec).await?;
-    let exit = list
-        .containers
-        .iter()
-        .find(|e| &e.id == id)
-        .and_then(|e| e.exit.clone())
-        .ok_or_else(|| RemoteError::NoExitStatus(id.clone()))?;
-    let save_error = |path: &std::path::Path, source| RecordError::Save {
-        path: path.display().to_string(),
-        source,
-    };
-    std::fs::create_dir_all(dir).map_err(|e| save_error(dir, e))?;
-    for stream in ["stdout", "stderr"] {
-        let bytes = remote.logs(exec, id, stream).await?;
-        let path = dir.join(stream);
-        std::fs::write(&path, bytes).map_err(|e| save_error(&path, e))?;
-    }
+    let collected = remote.collect(exec, id, max_log_bytes, dir).await?;
+    let exit = collected.exit;
     match outcome(c, exit.exit_code) {
         Outcome::AlreadyFinal => {}
         Outcome::Cancel(reason) => {
@@ -906,11 +973,16 @@ async fn record_result(
             log::info!("container={id} instance={worker} to=Cancelled reason={reason:?}");
         }
         Outcome::Complete => {
+            let log_dir = dir.display().to_string();
             queue.complete(
                 id,
-                exit.exit_code,
-                exit.error.as_deref(),
-                &dir.display().to_string(),
+                &RunResult {
+                    exit_code: exit.exit_code,
+                    runtime_error: exit.error.as_deref(),
+                    log_dir: &log_dir,
+                    started_at_ms: exit.started_at_ms,
+                    finished_at_ms: exit.finished_at_ms,
+                },
             )?;
             log::info!(
                 "container={id} instance={worker} to=Complete exit_code={}",

@@ -4,16 +4,20 @@
 //! `stdout`, `stderr`, a `lock` held by its supervisor for as long as it runs, and `exit.json`,
 //! written atomically when it ends. The directory is created once: a second `start` of the same
 //! ID never runs the container again, which is what makes "exactly once" hold across host
-//! crashes. The host pulls results (`list`, `logs`) and then `forget`s the directory; the VM
-//! needs no credentials for, and no route to, the host.
+//! crashes. The host learns of starts and exits as they happen from `watch` (a long-lived
+//! command streaming one JSON line per change), pulls a result with `collect` (exit status and
+//! both logs in one framed stream) and then `forget`s the directory; the VM needs no
+//! credentials for, and no route to, the host.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
@@ -45,6 +49,40 @@ pub struct ExitRecord {
     pub exit_code: i32,
     /// Set when the command could not be run at all.
     pub error: Option<String>,
+    /// When the container's process started and ended, by the VM's clock (Unix ms). Absent
+    /// from runners older than these fields.
+    #[serde(default)]
+    pub started_at_ms: Option<i64>,
+    #[serde(default)]
+    pub finished_at_ms: Option<i64>,
+}
+
+/// One line of `watch`'s output.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WatchLine {
+    /// First: every run directory as it is now (what happened while nobody listened).
+    Snapshot(RunList),
+    /// A run that started, ended or went stale since.
+    Run(RunEntry),
+    /// Nothing changed for a while; lets the watcher notice a reader that went away.
+    Heartbeat,
+}
+
+/// The first line of `collect`'s output; `stdout.sent` bytes of stdout, then `stderr.sent`
+/// bytes of stderr follow it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CollectHeader {
+    pub exit: ExitRecord,
+    pub stdout: LogPart,
+    pub stderr: LogPart,
+}
+
+/// How much of one log is sent (at most the cap asked for) out of how much was written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogPart {
+    pub sent: u64,
+    pub total: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +118,18 @@ fn runs_dir() -> PathBuf {
     vm_root().join("var/lib/dispatch-cloud/runs")
 }
 
+/// Where each `watch` binds a datagram socket that supervisors ping on every change.
+fn watch_dir() -> PathBuf {
+    vm_root().join("var/lib/dispatch-cloud/watch")
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 fn valid_id(id: &str) -> anyhow::Result<()> {
     if id.is_empty()
         || id.len() > 64
@@ -100,7 +150,8 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
-/// Entry point for `dispatch-cloud runner ARGS…`; returns the process exit code.
+/// Entry point for `dispatch-cloud runner ARGS…` (and `dispatch-cloud-runner [runner] ARGS…`);
+/// returns the process exit code.
 pub fn main(args: &[String]) -> anyhow::Result<i32> {
     let arg = |i: usize, what: &str| -> anyhow::Result<&str> {
         args.get(i)
@@ -109,7 +160,19 @@ pub fn main(args: &[String]) -> anyhow::Result<i32> {
     };
     match arg(0, "subcommand")? {
         "start" => start(),
-        "supervise" => supervise(arg(1, "container ID")?),
+        "supervise" => {
+            let fd: i32 = arg(2, "lock descriptor")?
+                .parse()
+                .context("runner supervise: lock descriptor")?;
+            supervise(arg(1, "container ID")?, fd)
+        }
+        "watch" => watch(),
+        "collect" => {
+            let cap: u64 = arg(2, "log byte limit")?
+                .parse()
+                .context("runner collect: log byte limit")?;
+            collect(arg(1, "container ID")?, cap)
+        }
         "list" => {
             let list = list()?;
             println!("{}", serde_json::to_string(&list)?);
@@ -121,15 +184,19 @@ pub fn main(args: &[String]) -> anyhow::Result<i32> {
         }
         "logs" => logs(arg(1, "container ID")?, arg(2, "stdout or stderr")?),
         "forget" => forget(arg(1, "container ID")?),
-        other => bail!("runner: unknown subcommand {other:?} (start, list, kill, logs, forget)"),
+        other => bail!(
+            "runner: unknown subcommand {other:?} (start, list, watch, collect, kill, logs, forget)"
+        ),
     }
 }
 
-/// How long `start` waits for the supervisor to take its lock.
-const SUPERVISOR_START_LIMIT: Duration = Duration::from_secs(10);
+/// A run directory with no lock file is one whose `start` died before locking it (it locks
+/// within milliseconds of creating it): older than this, nothing will ever run it.
+const UNLOCKED_STALE_AFTER: Duration = Duration::from_secs(5);
 
-/// Reads the spec on stdin, creates the run directory and detaches a supervisor. Exits 0 once
-/// the supervisor holds the lock, or at once if this ID was started before (never twice).
+/// Reads the spec on stdin, creates the run directory, takes its lock and hands the locked
+/// descriptor to a detached supervisor: from the moment `start` exits 0, the directory is
+/// locked for as long as the container runs. A second start of an ID never runs it again.
 fn start() -> anyhow::Result<i32> {
     let mut input = String::new();
     std::io::stdin().read_to_string(&mut input)?;
@@ -151,31 +218,36 @@ fn start() -> anyhow::Result<i32> {
         Err(e) => return Err(e).context("runner start: run directory"),
     }
     std::fs::write(dir.join("spec.json"), input.as_bytes())?;
+    // Locked before it gets its name: a visible `lock` that is not held always means the
+    // supervisor is gone.
+    let lock = File::create(dir.join("lock.new"))?;
+    lock.lock()?;
+    std::fs::rename(dir.join("lock.new"), dir.join("lock"))?;
+    let lock_fd = lock.as_raw_fd();
     let exe = std::env::current_exe()?;
-    // setsid: the supervisor must outlive this SSH command and its session.
     let mut supervisor = Command::new(exe);
     supervisor
-        .args(["runner", "supervise", &spec.id])
+        .args(["runner", "supervise", &spec.id, &lock_fd.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    // SAFETY: setsid and fcntl are async-signal-safe and touch no memory of the parent.
     unsafe {
-        supervisor.pre_exec(|| {
+        supervisor.pre_exec(move || {
+            // setsid: the supervisor must outlive this SSH command and its session.
             if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The lock's descriptor survives the exec, so the lock is never let go between
+            // this process and the supervisor (flock belongs to the open file, not a process).
+            if libc::fcntl(lock_fd, libc::F_SETFD, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
     supervisor.spawn().context("runner start: supervisor")?;
-    let deadline = Instant::now() + SUPERVISOR_START_LIMIT;
-    while !dir.join("pid").exists() && !dir.join("exit.json").exists() {
-        if Instant::now() > deadline {
-            bail!("runner start: supervisor of {} did not start", spec.id);
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    notify_watchers(&spec.id);
     Ok(0)
 }
 
@@ -230,17 +302,25 @@ fn build_command(spec: &ContainerSpec) -> anyhow::Result<Command> {
     }
 }
 
-/// The detached supervisor: holds the lock, runs the container, writes `exit.json`.
-fn supervise(id: &str) -> anyhow::Result<i32> {
+/// The detached supervisor: holds the lock it inherited on `lock_fd`, runs the container,
+/// writes `exit.json`.
+fn supervise(id: &str, lock_fd: i32) -> anyhow::Result<i32> {
     valid_id(id)?;
     let dir = runs_dir().join(id);
-    // Locked before it gets its name: a visible `lock` that is not held always means the
-    // supervisor is gone (a probe in between must not see an unheld lock and call it Stale).
-    let lock = File::create(dir.join("lock.new"))?;
-    lock.lock()?;
-    std::fs::rename(dir.join("lock.new"), dir.join("lock"))?;
+    let lock = {
+        use std::os::fd::FromRawFd;
+        // SAFETY: `start` passed this descriptor, open and owned by nobody else in this process.
+        unsafe { File::from_raw_fd(lock_fd) }
+    };
+    // Close-on-exec again: the container must not hold the lock (or it would look alive after
+    // the supervisor died, and could keep a finished run "Running").
+    // SAFETY: fcntl on a descriptor this process owns.
+    if unsafe { libc::fcntl(lock.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("runner supervise: lock descriptor");
+    }
     std::fs::write(dir.join("pid"), std::process::id().to_string())?;
     let spec: ContainerSpec = serde_json::from_slice(&std::fs::read(dir.join("spec.json"))?)?;
+    let started_at_ms = now_ms();
     let record = match build_command(&spec).and_then(|mut cmd| {
         cmd.stdin(Stdio::null())
             .stdout(File::create(dir.join("stdout"))?)
@@ -258,15 +338,189 @@ fn supervise(id: &str) -> anyhow::Result<i32> {
             ExitRecord {
                 exit_code: code,
                 error: None,
+                started_at_ms: Some(started_at_ms),
+                finished_at_ms: Some(now_ms()),
             }
         }
         Err(e) => ExitRecord {
             exit_code: 127,
             error: Some(format!("{e:#}")),
+            started_at_ms: Some(started_at_ms),
+            finished_at_ms: Some(now_ms()),
         },
     };
     write_atomically(&dir.join("exit.json"), &serde_json::to_vec(&record)?)?;
     drop(lock);
+    notify_watchers(id);
+    Ok(0)
+}
+
+/// Tells every `watch` that `id` changed. Best effort: a watcher that misses it finds the
+/// change at its next rescan. Sockets nobody listens on any more are removed.
+fn notify_watchers(id: &str) {
+    let Ok(entries) = std::fs::read_dir(watch_dir()) else {
+        return;
+    };
+    let Ok(socket) = UnixDatagram::unbound() else {
+        return;
+    };
+    if socket.set_nonblocking(true).is_err() {
+        return;
+    }
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "sock") {
+            continue;
+        }
+        if let Err(e) = socket.send_to(id.as_bytes(), &path) {
+            if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+}
+
+/// How often `watch` rescans every run directory, in case a notification was lost (or a
+/// supervisor died without sending one: the run went stale).
+const WATCH_RESCAN: Duration = Duration::from_secs(5);
+/// How long `watch` stays silent before writing a heartbeat.
+const WATCH_HEARTBEAT: Duration = Duration::from_secs(15);
+
+/// Removes the watcher's socket when it stops.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Streams a snapshot, then every change, one JSON line each, until the reader goes away.
+fn watch() -> anyhow::Result<i32> {
+    let dir = watch_dir();
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let socket = UnixDatagram::bind(&path)
+        .with_context(|| format!("runner watch: binding {}", path.display()))?;
+    let _cleanup = SocketFile(path);
+    socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let mut out = std::io::stdout().lock();
+    let mut emit = |line: &WatchLine| -> std::io::Result<()> {
+        let mut bytes = serde_json::to_vec(line)?;
+        bytes.push(b'\n');
+        out.write_all(&bytes)?;
+        out.flush()
+    };
+    let snapshot = list()?;
+    let mut known: HashMap<String, RunEntry> = snapshot
+        .containers
+        .iter()
+        .map(|e| (e.id.clone(), e.clone()))
+        .collect();
+    // A reader that went away shows up as a failed write: that ends the watch.
+    if emit(&WatchLine::Snapshot(snapshot)).is_err() {
+        return Ok(0);
+    }
+    let mut last_write = Instant::now();
+    let mut last_scan = Instant::now();
+    let mut buf = [0u8; 256];
+    loop {
+        let mut changed: Vec<RunEntry> = Vec::new();
+        match socket.recv(&mut buf) {
+            Ok(n) => {
+                if let Some(id) = std::str::from_utf8(&buf[..n])
+                    .ok()
+                    .filter(|id| valid_id(id).is_ok())
+                {
+                    let run = runs_dir().join(id);
+                    if run.exists() {
+                        changed.push(entry(&run, id));
+                    }
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e).context("runner watch: receiving"),
+        }
+        if last_scan.elapsed() >= WATCH_RESCAN {
+            last_scan = Instant::now();
+            if let Ok(now) = list() {
+                known.retain(|id, _| now.containers.iter().any(|e| &e.id == id));
+                changed.extend(now.containers);
+            }
+        }
+        for e in changed {
+            if known.get(&e.id) == Some(&e) {
+                continue;
+            }
+            known.insert(e.id.clone(), e.clone());
+            if emit(&WatchLine::Run(e)).is_err() {
+                return Ok(0);
+            }
+            last_write = Instant::now();
+        }
+        if last_write.elapsed() >= WATCH_HEARTBEAT {
+            if emit(&WatchLine::Heartbeat).is_err() {
+                return Ok(0);
+            }
+            last_write = Instant::now();
+        }
+    }
+}
+
+/// Writes a finished run's result and both logs (each at most `cap` bytes) as one stream:
+/// a `CollectHeader` line, then the stdout bytes, then the stderr bytes. Exit 3 when the run
+/// has not finished.
+fn collect(id: &str, cap: u64) -> anyhow::Result<i32> {
+    valid_id(id)?;
+    let dir = runs_dir().join(id);
+    let Some(exit) = read_exit(&dir) else {
+        eprintln!("runner collect: {id} has not finished");
+        return Ok(3);
+    };
+    let open = |stream: &str| -> anyhow::Result<(Option<File>, LogPart)> {
+        match File::open(dir.join(stream)) {
+            Ok(f) => {
+                let total = f.metadata()?.len();
+                Ok((
+                    Some(f),
+                    LogPart {
+                        sent: total.min(cap),
+                        total,
+                    },
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok((None, LogPart { sent: 0, total: 0 }))
+            }
+            Err(e) => Err(e.into()),
+        }
+    };
+    let (stdout_file, stdout) = open("stdout")?;
+    let (stderr_file, stderr) = open("stderr")?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut header = serde_json::to_vec(&CollectHeader {
+        exit,
+        stdout,
+        stderr,
+    })?;
+    header.push(b'\n');
+    out.write_all(&header)?;
+    for (file, part, name) in [
+        (stdout_file, stdout, "stdout"),
+        (stderr_file, stderr, "stderr"),
+    ] {
+        let Some(file) = file else { continue };
+        let copied = std::io::copy(&mut file.take(part.sent), &mut out)?;
+        if copied != part.sent {
+            bail!("runner collect: {name} of {id} shrank while being sent");
+        }
+    }
+    out.flush()?;
     Ok(0)
 }
 
@@ -286,13 +540,13 @@ fn entry(dir: &Path, id: &str) -> RunEntry {
     }
     let held = match File::open(dir.join("lock")) {
         Ok(f) => f.try_lock().is_err(),
-        // No lock file: the supervisor is still starting, unless the directory is older than
-        // any start takes (`start` gives up after 10 s) — then no supervisor ever came.
+        // No lock file: `start` is between creating the directory and locking it, unless the
+        // directory is older than that takes — then it died there and nothing runs it.
         Err(_) => std::fs::metadata(dir)
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.elapsed().ok())
-            .is_none_or(|age| age < SUPERVISOR_START_LIMIT + Duration::from_secs(5)),
+            .is_none_or(|age| age < UNLOCKED_STALE_AFTER),
     };
     // The supervisor may have written exit.json between the two checks.
     if let Some(exit) = read_exit(dir) {
@@ -413,6 +667,8 @@ mod tests {
                 exit: Some(ExitRecord {
                     exit_code: 3,
                     error: None,
+                    started_at_ms: Some(1),
+                    finished_at_ms: Some(2),
                 }),
             }],
             broken: true,

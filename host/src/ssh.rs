@@ -14,6 +14,7 @@ use driver_abi::DriverError;
 use russh::client::{self, Handle};
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 use russh::ChannelMsg;
+use tokio::sync::mpsc;
 
 use crate::instance_secret;
 use crate::pool::{BoxFuture, Endpoint, Exec, ExecFactory, Listed};
@@ -159,6 +160,27 @@ impl Executor {
     /// Runs `command` with `stdin`, reconnecting once if the existing connection is broken.
     /// Commands run concurrently on the one connection; only dialling is serialized.
     pub async fn execute(&self, command: &str, stdin: &[u8]) -> Result<CommandOutput, SshError> {
+        self.execute_into(command, stdin, Stdout::Collect).await
+    }
+
+    /// Like `execute`, but stdout goes to `stdout` chunk by chunk as it arrives (the caller's
+    /// channel bounds the memory it takes); the output returned holds stderr (at most
+    /// `STREAMED_STDERR_LIMIT` bytes) and the exit status.
+    pub async fn execute_streaming(
+        &self,
+        command: &str,
+        stdout: mpsc::Sender<Vec<u8>>,
+    ) -> Result<CommandOutput, SshError> {
+        self.execute_into(command, b"", Stdout::Stream(stdout))
+            .await
+    }
+
+    async fn execute_into(
+        &self,
+        command: &str,
+        stdin: &[u8],
+        stdout: Stdout,
+    ) -> Result<CommandOutput, SshError> {
         let session_error = |message: String| SshError::Session {
             address: self.target.address(),
             message,
@@ -174,7 +196,11 @@ impl Executor {
             // Only a failure to open the channel is retried: after that, the command may
             // have run, and running it twice is worse than reporting the error.
             match handle.channel_open_session().await {
-                Ok(channel) => return run_on(channel, command, stdin).await.map_err(session_error),
+                Ok(channel) => {
+                    return run_on(channel, command, stdin, stdout)
+                        .await
+                        .map_err(session_error)
+                }
                 Err(e) => {
                     log::debug!("Existing SSH connection failed ({e}); reconnecting.");
                     let mut guard = self.connection.lock().await;
@@ -204,7 +230,9 @@ impl Executor {
                 }
             }
         };
-        run(&handle, command, stdin).await.map_err(session_error)
+        run(&handle, command, stdin, stdout)
+            .await
+            .map_err(session_error)
     }
 
     /// Drops the connection (e.g. when the VM is gone).
@@ -295,9 +323,14 @@ impl Executor {
                 "the driver cannot verify host keys and the instance has no secret tag".into(),
             );
         };
-        let out = run(handle, &instance_secret::read_command(user), b"")
-            .await
-            .map_err(|e| format!("reading the instance secret: {e}"))?;
+        let out = run(
+            handle,
+            &instance_secret::read_command(user),
+            b"",
+            Stdout::Collect,
+        )
+        .await
+        .map_err(|e| format!("reading the instance secret: {e}"))?;
         if !out.success() || out.stdout != secret.as_bytes() {
             return Err("the instance secret on the VM does not match its tag".into());
         }
@@ -305,22 +338,33 @@ impl Executor {
     }
 }
 
+/// Where a command's stdout goes.
+enum Stdout {
+    Collect,
+    Stream(mpsc::Sender<Vec<u8>>),
+}
+
+/// stderr kept from a streamed command: it is for error messages, not data.
+pub const STREAMED_STDERR_LIMIT: usize = 64 * 1024;
+
 async fn run(
     handle: &Handle<KeyCheck>,
     command: &str,
     stdin: &[u8],
+    stdout: Stdout,
 ) -> Result<CommandOutput, String> {
     let channel = handle
         .channel_open_session()
         .await
         .map_err(|e| format!("open channel: {e}"))?;
-    run_on(channel, command, stdin).await
+    run_on(channel, command, stdin, stdout).await
 }
 
 async fn run_on(
     mut channel: russh::Channel<client::Msg>,
     command: &str,
     stdin: &[u8],
+    stdout: Stdout,
 ) -> Result<CommandOutput, String> {
     channel
         .exec(true, command)
@@ -336,8 +380,23 @@ async fn run_on(
     let mut out = CommandOutput::default();
     while let Some(msg) = channel.wait().await {
         match msg {
-            ChannelMsg::Data { data } => out.stdout.extend_from_slice(&data),
-            ChannelMsg::ExtendedData { data, ext: 1 } => out.stderr.extend_from_slice(&data),
+            ChannelMsg::Data { data } => match &stdout {
+                Stdout::Collect => out.stdout.extend_from_slice(&data),
+                Stdout::Stream(tx) => {
+                    if tx.send(data.to_vec()).await.is_err() {
+                        // The reader stopped: so does the command.
+                        let _ = channel.close().await;
+                        return Err("the reader of the output went away".into());
+                    }
+                }
+            },
+            ChannelMsg::ExtendedData { data, ext: 1 } => {
+                let room = match stdout {
+                    Stdout::Collect => data.len(),
+                    Stdout::Stream(_) => STREAMED_STDERR_LIMIT.saturating_sub(out.stderr.len()),
+                };
+                out.stderr.extend_from_slice(&data[..data.len().min(room)]);
+            }
             ChannelMsg::ExitStatus { exit_status } => out.exit_status = Some(exit_status),
             ChannelMsg::Failure => return Err("the server refused the command".into()),
             _ => {}
@@ -414,6 +473,14 @@ impl Exec for SshExec {
         stdin: &'a [u8],
     ) -> BoxFuture<'a, Result<CommandOutput, SshError>> {
         Box::pin(self.executor.execute(command, stdin))
+    }
+
+    fn stream<'a>(
+        &'a self,
+        command: &'a str,
+        stdout: mpsc::Sender<Vec<u8>>,
+    ) -> BoxFuture<'a, Result<CommandOutput, SshError>> {
+        Box::pin(self.executor.execute_streaming(command, stdout))
     }
 
     fn retarget(&self, endpoint: &Endpoint) {

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::*;
 use crate::pool::{BoxFuture, Endpoint, Exec, ExecFactory, IdleBehavior, InstanceState};
 use crate::queue::{ContainerState, NewContainer, RuntimeConstraints, SqliteQueue};
-use crate::runner::{ExitRecord, RunEntry, RunList, RunState};
+use crate::runner::{CollectHeader, ExitRecord, LogPart, RunEntry, RunList, RunState};
 use crate::ssh::{CommandOutput, SshError};
 
 /// What a scripted VM's runner knows.
@@ -219,6 +219,32 @@ fn output(status: u32, stdout: impl Into<Vec<u8>>) -> CommandOutput {
     }
 }
 
+/// What `runner collect` sends for a run that exited with `exit_code`: the header, then
+/// "stdout of ID\n" and "stderr of ID\n".
+fn collect_stream(id: &str, exit_code: i32) -> Vec<u8> {
+    let stdout = format!("stdout of {id}\n");
+    let stderr = format!("stderr of {id}\n");
+    let part = |s: &str| LogPart {
+        sent: s.len() as u64,
+        total: s.len() as u64,
+    };
+    let header = CollectHeader {
+        exit: ExitRecord {
+            exit_code,
+            error: None,
+            started_at_ms: None,
+            finished_at_ms: None,
+        },
+        stdout: part(&stdout),
+        stderr: part(&stderr),
+    };
+    let mut bytes = serde_json::to_vec(&header).expect("json");
+    bytes.push(b'\n');
+    bytes.extend_from_slice(stdout.as_bytes());
+    bytes.extend_from_slice(stderr.as_bytes());
+    bytes
+}
+
 impl FakeExec {
     fn answer(&self, command: &str, stdin: &[u8]) -> Result<CommandOutput, SshError> {
         let address = self.endpoint.lock().expect("endpoint").address.clone();
@@ -255,6 +281,8 @@ impl FakeExec {
                             exit: exit.map(|exit_code| ExitRecord {
                                 exit_code,
                                 error: None,
+                                started_at_ms: None,
+                                finished_at_ms: None,
                             }),
                         })
                         .collect();
@@ -281,7 +309,10 @@ impl FakeExec {
                     }
                     output(0, "")
                 }
-                ["logs", id, stream] => output(0, format!("{stream} of {id}\n")),
+                ["collect", id, _] => match vm.runs.get(*id) {
+                    Some(Some(exit_code)) => output(0, collect_stream(id, *exit_code)),
+                    _ => output(3, ""),
+                },
                 ["forget", id] => {
                     vm.runs.remove(*id);
                     output(0, "")

@@ -4,12 +4,14 @@
 //!   creates, destroys, probe results and timeouts, and hands back the work to do as values.
 //! - `state` — the state machine of one worker as pure functions, its table in the doc.
 //! - `probe` — boot probe, runner deployment by hash, and the runner protocol, over [`Exec`].
+//! - `collect` — a finished run's result and logs, streamed from the VM into log files.
 //! - `seams` — the traits the pool and dispatcher work through: [`Cloud`], [`Exec`],
 //!   [`ExecFactory`]; production wires `CloudOps` and SSH, tests wire fakes.
 //! - `backoff` — failing creates are retried with a growing delay per instance type.
 //! - `view` — the API's serializable picture of an instance.
 
 mod backoff;
+pub mod collect;
 pub mod probe;
 pub mod seams;
 pub mod state;

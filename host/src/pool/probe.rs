@@ -3,9 +3,11 @@
 use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
 
+use super::collect::{CollectError, CollectWriter};
 use super::seams::Exec;
-use crate::runner::{ContainerSpec, RunList, DEPLOY_DIR};
+use crate::runner::{CollectHeader, ContainerSpec, RunList, WatchLine, DEPLOY_DIR};
 use crate::ssh::{CommandOutput, SshError};
 
 /// Why a runner command on a VM did not give an answer.
@@ -23,6 +25,22 @@ pub enum RemoteError {
     BadOutput { what: &'static str, message: String },
     #[error("runner has no exit status for {0}")]
     NoExitStatus(String),
+    #[error(transparent)]
+    Collect(#[from] CollectError),
+}
+
+/// The longest line `runner watch` may send (a snapshot lists every run on the VM).
+const WATCH_LINE_LIMIT: usize = 16 * 1024 * 1024;
+
+/// A VM is untrusted: a run whose name is not a plain ID is nothing of ours.
+fn plain_runs_only(list: &mut RunList, what: &str) {
+    list.containers.retain(|e| {
+        let plain = is_plain_id(&e.id);
+        if !plain {
+            log::warn!("{what} reported a run named {:?}; ignored", e.id);
+        }
+        plain
+    });
 }
 
 impl RemoteError {
@@ -35,6 +53,9 @@ impl RemoteError {
         )
     }
 }
+
+/// The runner-only executable's name, installed beside `dispatch-cloud`.
+pub const RUNNER_EXECUTABLE: &str = "dispatch-cloud-runner";
 
 /// The executable that runs `runner` on VMs: the host's own, deployed and identified by
 /// content hash, or one already installed on the image (`runner_path` in the config).
@@ -64,9 +85,24 @@ impl RunnerBinary {
         }
     }
 
-    /// This process's own executable.
+    /// The `dispatch-cloud-runner` beside this executable (built with it), or, when there
+    /// is none, this executable itself (it has the `runner` subcommand too, at 20 times the
+    /// size).
     pub fn current() -> std::io::Result<Self> {
-        Ok(Self::from_bytes(std::fs::read(std::env::current_exe()?)?))
+        let exe = std::env::current_exe()?;
+        let small = exe.with_file_name(RUNNER_EXECUTABLE);
+        match std::fs::read(&small) {
+            Ok(bytes) => Ok(Self::from_bytes(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                log::info!(
+                    "No {} beside {}: deploying the host executable as the runner.",
+                    RUNNER_EXECUTABLE,
+                    exe.display()
+                );
+                Ok(Self::from_bytes(std::fs::read(&exe)?))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Where it lives on a VM; `${DISPATCH_CLOUD_VM_ROOT}` is empty on a real VM.
@@ -154,15 +190,95 @@ impl Remote<'_> {
                 what: "runner list",
                 message: e.to_string(),
             })?;
-        // A VM is untrusted: an entry whose name is not a plain ID is nothing of ours.
-        list.containers.retain(|e| {
-            let plain = is_plain_id(&e.id);
-            if !plain {
-                log::warn!("runner list reported a run named {:?}; ignored", e.id);
-            }
-            plain
-        });
+        plain_runs_only(&mut list, "runner list");
         Ok(list)
+    }
+
+    /// Runs `runner watch` until it ends, passing on each line it sends. Ends with an error
+    /// when the VM sends something that is not a watch line.
+    pub async fn watch(
+        &self,
+        exec: &dyn Exec,
+        lines: mpsc::Sender<WatchLine>,
+    ) -> Result<(), RemoteError> {
+        let (chunks_tx, mut chunks) = mpsc::channel::<Vec<u8>>(8);
+        let command = self.runner(&["watch"]);
+        let run = exec.stream(&command, chunks_tx);
+        let parse = async move {
+            let mut pending: Vec<u8> = Vec::new();
+            while let Some(chunk) = chunks.recv().await {
+                pending.extend_from_slice(&chunk);
+                while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    let parsed = match serde_json::from_slice::<WatchLine>(&line) {
+                        Ok(WatchLine::Snapshot(mut list)) => {
+                            plain_runs_only(&mut list, "runner watch");
+                            WatchLine::Snapshot(list)
+                        }
+                        Ok(WatchLine::Run(e)) if !is_plain_id(&e.id) => {
+                            log::warn!("runner watch reported a run named {:?}; ignored", e.id);
+                            continue;
+                        }
+                        Ok(line) => line,
+                        Err(e) => {
+                            return Err(RemoteError::BadOutput {
+                                what: "runner watch",
+                                message: e.to_string(),
+                            })
+                        }
+                    };
+                    if lines.send(parsed).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                if pending.len() > WATCH_LINE_LIMIT {
+                    return Err(RemoteError::BadOutput {
+                        what: "runner watch",
+                        message: format!("a line longer than {WATCH_LINE_LIMIT} bytes"),
+                    });
+                }
+            }
+            Ok(())
+        };
+        // The parser ending (bad line) drops the receiver, which ends the command.
+        let (ran, parsed) = tokio::join!(run, parse);
+        parsed?;
+        let out = ran?;
+        if out.exit_status.is_some_and(|s| s != 0) {
+            return Err(failed("runner watch", &out));
+        }
+        Ok(())
+    }
+
+    /// Fetches a finished run's result, writing its logs (at most `cap` bytes each) into
+    /// `dir` as they arrive.
+    pub async fn collect(
+        &self,
+        exec: &dyn Exec,
+        id: &str,
+        cap: u64,
+        dir: &std::path::Path,
+    ) -> Result<CollectHeader, RemoteError> {
+        let (chunks_tx, mut chunks) = mpsc::channel::<Vec<u8>>(8);
+        let command = self.runner(&["collect", id, &cap.to_string()]);
+        let run = exec.stream(&command, chunks_tx);
+        let mut writer = CollectWriter::new(dir, cap);
+        let write = async {
+            while let Some(chunk) = chunks.recv().await {
+                writer.feed(&chunk)?;
+            }
+            Ok::<(), CollectError>(())
+        };
+        let (ran, written) = tokio::join!(run, write);
+        let out = ran?;
+        if out.exit_status == Some(3) {
+            return Err(RemoteError::NoExitStatus(id.to_string()));
+        }
+        if !out.success() {
+            return Err(failed("runner collect", &out));
+        }
+        written?;
+        Ok(writer.finish()?)
     }
 
     pub async fn start(&self, exec: &dyn Exec, spec: &ContainerSpec) -> Result<(), RemoteError> {
@@ -183,19 +299,6 @@ impl Remote<'_> {
             .run(&self.runner(&["kill", &signal.to_string(), id]), b"")
             .await?;
         Ok(out.success())
-    }
-
-    pub async fn logs(
-        &self,
-        exec: &dyn Exec,
-        id: &str,
-        stream: &str,
-    ) -> Result<Vec<u8>, RemoteError> {
-        let out = exec.run(&self.runner(&["logs", id, stream]), b"").await?;
-        if !out.success() {
-            return Err(failed("runner logs", &out));
-        }
-        Ok(out.stdout)
     }
 
     pub async fn forget(&self, exec: &dyn Exec, id: &str) -> Result<(), RemoteError> {

@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use driver_abi::{CreateRequest, DriverError, Instance, InstanceType, Tags};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::instance_secret;
@@ -104,6 +105,24 @@ pub trait Exec: Send + Sync {
         command: &'a str,
         stdin: &'a [u8],
     ) -> BoxFuture<'a, Result<CommandOutput, SshError>>;
+    /// Runs `command` without input, handing its stdout to `stdout` as it arrives; the output
+    /// returned holds stderr and the exit status. By default (for executors that cannot
+    /// stream) the whole stdout arrives as one chunk when the command ends.
+    fn stream<'a>(
+        &'a self,
+        command: &'a str,
+        stdout: mpsc::Sender<Vec<u8>>,
+    ) -> BoxFuture<'a, Result<CommandOutput, SshError>> {
+        Box::pin(async move {
+            let mut out = self.run(command, b"").await?;
+            let bytes = std::mem::take(&mut out.stdout);
+            if !bytes.is_empty() {
+                // A reader that went away no longer wants it.
+                let _ = stdout.send(bytes).await;
+            }
+            Ok(out)
+        })
+    }
     /// The instance's address, user or secret changed at a listing: later commands go there.
     fn retarget(&self, endpoint: &Endpoint);
     /// Drops the connection (the VM is gone).

@@ -18,7 +18,7 @@ use super::state::{self, after_probe, Decision, Facts, IdleBehavior};
 use super::tags;
 use super::view::{InstanceState, InstanceView};
 use crate::instance_secret;
-use crate::runner::{RunList, RunState};
+use crate::runner::{RunEntry, RunList, RunState};
 use crate::scheduler::{RunnerSeen, SlotId, WorkerSlot, WorkerStatus};
 
 /// Rate limits, quota and capacity errors have hold-offs in the wrappers already.
@@ -28,6 +28,12 @@ fn has_own_holdoff(e: &DriverError) -> bool {
         DriverError::RateLimit { .. } | DriverError::Quota { .. } | DriverError::Capacity { .. }
     )
 }
+
+/// The longest wait between probes of a VM that has not booted yet.
+const BOOTING_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// The first wait before probing a VM whose event stream ended (doubling per failure, up to
+/// the probe interval): a probe opens the stream again.
+const WATCH_RETRY: Duration = Duration::from_millis(500);
 
 /// What the pool needs to know, fixed for its life.
 #[derive(Clone, Debug)]
@@ -65,6 +71,12 @@ pub enum Effect {
     Close(Arc<dyn Exec>),
     /// A start on a VM produced no result: one more dispatch attempt for the container.
     AttemptFailed { container: String, reason: String },
+    /// Open the worker's event stream (`runner watch`); report back with `watch_ended`.
+    Watch {
+        worker: String,
+        exec: Arc<dyn Exec>,
+        sudo: bool,
+    },
 }
 
 /// What a returned start command means.
@@ -121,6 +133,13 @@ struct Worker {
     /// Consecutive listings that did not show it: one miss is not enough to forget a VM
     /// (and requeue what it runs).
     missed_listings: u32,
+    /// Its event stream is open (or being opened).
+    watching: bool,
+    /// Streams that ended since the last one that delivered its snapshot.
+    watch_failures: u32,
+    /// What the event stream (or a forget) said about a run since the last probe began, and
+    /// when: a probe that began earlier must not undo it. `None`: forgotten.
+    fresh: HashMap<String, (Option<RunState>, Instant)>,
 }
 
 impl Worker {
@@ -243,6 +262,9 @@ impl Pool {
                 gave_up: HashSet::new(),
                 reason: None,
                 missed_listings: 0,
+                watching: false,
+                watch_failures: 0,
+                fresh: HashMap::new(),
             },
         );
     }
@@ -449,18 +471,24 @@ impl Pool {
         report: ProbeReport,
         now: Instant,
     ) -> Vec<Effect> {
-        let mut effects = Vec::new();
         let interval = self.config.probe_interval;
         let Some(w) = self.workers.get_mut(id) else {
-            return effects;
+            return Vec::new();
         };
         w.probing = false;
-        w.next_probe_at = now + interval;
         if report.booted {
             w.booted = true;
         }
-        let list = match report.list {
-            Ok(list) => list,
+        // A VM still booting is what containers wait for: look again soon, however rare the
+        // probes of running VMs are (they have an event stream).
+        w.next_probe_at = now
+            + if w.booted {
+                interval
+            } else {
+                interval.min(BOOTING_PROBE_INTERVAL)
+            };
+        match report.list {
+            Ok(list) => self.apply_run_list(id, started, list, now),
             Err(e) => {
                 let reason = e.to_string();
                 if e.is_refusal() && w.reason.as_deref() != Some(reason.as_str()) {
@@ -469,16 +497,55 @@ impl Pool {
                     log::debug!("instance={id} probe failed: {reason}");
                 }
                 w.reason = Some(reason);
-                return effects;
+                Vec::new()
             }
+        }
+    }
+
+    /// The event stream's first line: every run on the worker, listed after `launched` (when
+    /// the stream was asked for), like a probe's list.
+    pub fn apply_snapshot(
+        &mut self,
+        id: &str,
+        launched: Instant,
+        list: RunList,
+        now: Instant,
+    ) -> Vec<Effect> {
+        if let Some(w) = self.workers.get_mut(id) {
+            w.watch_failures = 0;
+        }
+        self.apply_run_list(id, launched, list, now)
+    }
+
+    /// A full list of the worker's runs, as of `started`.
+    fn apply_run_list(
+        &mut self,
+        id: &str,
+        started: Instant,
+        list: RunList,
+        now: Instant,
+    ) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        let Some(w) = self.workers.get_mut(id) else {
+            return effects;
         };
         w.reason = None;
-        w.last_probe_ok = Some(started);
+        w.last_probe_ok = Some(w.last_probe_ok.map_or(started, |t| t.max(started)));
         w.runners = list
             .containers
             .iter()
             .map(|e| (e.id.clone(), e.state.clone()))
             .collect();
+        // What the event stream said after this list was taken is newer.
+        for (c, (state, at)) in &w.fresh {
+            if *at > started {
+                match state {
+                    Some(state) => w.runners.insert(c.clone(), state.clone()),
+                    None => w.runners.remove(c),
+                };
+            }
+        }
+        w.fresh.retain(|_, (_, at)| *at > started);
         let listed = &w.runners;
         let vanished: Vec<String> = w
             .starting
@@ -516,7 +583,59 @@ impl Pool {
             w.reason = Some("the node reports itself broken".into());
             effects.extend(self.set_behavior(id, IdleBehavior::Drain));
         }
+        if let Some(w) = self.workers.get_mut(id) {
+            // A booted worker with the runner in place streams its runs' changes from now on.
+            if w.booted && !w.watching && w.status != WorkerStatus::Shutdown {
+                w.watching = true;
+                effects.push(Effect::Watch {
+                    worker: id.to_string(),
+                    exec: Arc::clone(&w.exec),
+                    sudo: w.sudo(),
+                });
+            }
+        }
         effects
+    }
+
+    /// The event stream reported a run that started, ended or went stale.
+    pub fn apply_run_event(&mut self, id: &str, entry: RunEntry, now: Instant) {
+        let Some(w) = self.workers.get_mut(id) else {
+            return;
+        };
+        w.fresh
+            .insert(entry.id.clone(), (Some(entry.state.clone()), now));
+        w.starting.remove(&entry.id);
+        w.failed_starts.remove(&entry.id);
+        if entry.state != RunState::Running {
+            w.gave_up.remove(&entry.id);
+        }
+        w.runners.insert(entry.id, entry.state);
+        Self::refresh_status(w, now);
+    }
+
+    /// The event stream ended (the connection dropped, the VM went, or the runner is too old
+    /// to stream): the next successful probe opens it again.
+    pub fn watch_ended(&mut self, id: &str, now: Instant) {
+        let interval = self.config.probe_interval;
+        if let Some(w) = self.workers.get_mut(id) {
+            w.watching = false;
+            let delay = WATCH_RETRY
+                .saturating_mul(1 << w.watch_failures.min(16))
+                .min(interval);
+            w.watch_failures = w.watch_failures.saturating_add(1);
+            w.next_probe_at = w.next_probe_at.min(now + delay);
+        }
+    }
+
+    /// Running or Idle again from what the worker is known to run, between probes.
+    fn refresh_status(w: &mut Worker, now: Instant) {
+        if matches!(w.status, WorkerStatus::Running | WorkerStatus::Idle) {
+            let before = w.status.clone();
+            w.status = after_probe(&w.status, true, w.runners.len() + w.starting.len());
+            if before != w.status {
+                w.busy_at = now;
+            }
+        }
     }
 
     /// Sets the idle behaviour; the effect saves it in the VM's tags.
@@ -556,10 +675,13 @@ impl Pool {
         }
     }
 
-    /// The run directory was removed on the VM: nothing is left to reconcile.
-    pub fn runner_forgotten(&mut self, id: &str, container: &str) {
+    /// The run directory was removed on the VM: nothing is left to reconcile (and a probe
+    /// that began before must not bring it back).
+    pub fn runner_forgotten(&mut self, id: &str, container: &str, now: Instant) {
         if let Some(w) = self.workers.get_mut(id) {
             w.runners.remove(container);
+            w.fresh.insert(container.to_string(), (None, now));
+            Self::refresh_status(w, now);
         }
     }
 
@@ -670,13 +792,18 @@ impl Pool {
         let Some(w) = self.workers.get_mut(worker) else {
             return Started::WorkerGone;
         };
-        w.starting.insert(container.to_string(), Some(now));
+        // The event stream may have reported it running (or even finished) already.
+        if !w.runners.contains_key(container) {
+            w.starting.insert(container.to_string(), Some(now));
+        }
         match result {
             Ok(()) => Started::Running {
                 instance_type: w.type_name.clone(),
             },
             Err(e) => {
-                w.failed_starts.insert(container.to_string(), e.to_string());
+                if w.starting.contains_key(container) {
+                    w.failed_starts.insert(container.to_string(), e.to_string());
+                }
                 Started::Unconfirmed
             }
         }

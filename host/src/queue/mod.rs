@@ -144,6 +144,18 @@ pub enum QueueError {
     Invalid(String),
 }
 
+/// What a finished run produced, as `complete` records it.
+#[derive(Clone, Debug, Default)]
+pub struct RunResult<'a> {
+    pub exit_code: i32,
+    pub runtime_error: Option<&'a str>,
+    pub log_dir: &'a str,
+    /// When the process started and ended on the VM (Unix ms); when the runner does not
+    /// say, the start the host recorded and the moment of recording stand in.
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+}
+
 /// The queue as the scheduler and the API use it. Implemented by [`SqliteQueue`]; later
 /// backends (PostgreSQL, the Arvados controller) implement the same trait.
 pub trait Queue: Send + Sync {
@@ -171,13 +183,7 @@ pub trait Queue: Send + Sync {
         instance_type: Option<&str>,
     ) -> Result<(), QueueError>;
     /// Queued/Locked/Running → Complete with the runner's result.
-    fn complete(
-        &self,
-        id: &str,
-        exit_code: i32,
-        runtime_error: Option<&str>,
-        log_dir: &str,
-    ) -> Result<(), QueueError>;
+    fn complete(&self, id: &str, result: &RunResult<'_>) -> Result<(), QueueError>;
     /// Any non-final state → Cancelled, with `reason` as the runtime error.
     fn cancel(&self, id: &str, reason: &str) -> Result<(), QueueError>;
     fn set_priority(&self, id: &str, priority: i64) -> Result<(), QueueError>;

@@ -6,7 +6,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
-use super::{Container, ContainerState, NewContainer, Queue, QueueError, RuntimeConstraints};
+use super::{
+    Container, ContainerState, NewContainer, Queue, QueueError, RunResult, RuntimeConstraints,
+};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 /// Append only: a released migration never changes.
@@ -323,13 +325,7 @@ impl Queue for SqliteQueue {
         )
     }
 
-    fn complete(
-        &self,
-        id: &str,
-        exit_code: i32,
-        runtime_error: Option<&str>,
-        log_dir: &str,
-    ) -> Result<(), QueueError> {
+    fn complete(&self, id: &str, result: &RunResult<'_>) -> Result<(), QueueError> {
         self.transition(
             id,
             &[
@@ -338,9 +334,17 @@ impl Queue for SqliteQueue {
                 ContainerState::Running,
             ],
             ContainerState::Complete,
-            "exit_code = ?2, runtime_error = ?3, log_dir = ?4, finished_at_ms = ?5,
-             started_at_ms = COALESCE(started_at_ms, ?5)",
-            &[&exit_code, &runtime_error, &log_dir, &now_ms()],
+            "exit_code = ?2, runtime_error = ?3, log_dir = ?4,
+             finished_at_ms = COALESCE(?6, ?5),
+             started_at_ms = COALESCE(?7, started_at_ms, ?5)",
+            &[
+                &result.exit_code,
+                &result.runtime_error,
+                &result.log_dir,
+                &now_ms(),
+                &result.finished_at_ms,
+                &result.started_at_ms,
+            ],
         )
     }
 
@@ -406,11 +410,26 @@ mod tests {
             "locked twice"
         );
         q.set_running(&c.id, "i-1", Some("medium")).expect("run");
-        q.complete(&c.id, 3, None, "/logs/x").expect("complete");
+        q.complete(
+            &c.id,
+            &RunResult {
+                exit_code: 3,
+                log_dir: "/logs/x",
+                started_at_ms: Some(1_000),
+                finished_at_ms: Some(2_500),
+                ..RunResult::default()
+            },
+        )
+        .expect("complete");
         let done = q.get(&c.id).expect("get");
         assert_eq!(
             (done.state, done.exit_code, done.lock_count),
             (ContainerState::Complete, Some(3), 1)
+        );
+        // The VM's own times, not when the host noticed.
+        assert_eq!(
+            (done.started_at_ms, done.finished_at_ms),
+            (Some(1_000), Some(2_500))
         );
         assert_eq!(
             done.instance_type.as_deref(),
@@ -418,7 +437,11 @@ mod tests {
             "the type it ran on"
         );
         assert!(q.cancel(&c.id, "late").is_err(), "final state changed");
-        assert!(q.complete(&c.id, 0, None, "/x").is_err(), "completed twice");
+        let again = RunResult {
+            log_dir: "/x",
+            ..RunResult::default()
+        };
+        assert!(q.complete(&c.id, &again).is_err(), "completed twice");
     }
 
     #[test]
