@@ -75,32 +75,80 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
+/// One container (an object), or many (an array: all are queued, or none).
 async fn submit(
     State(state): State<ApiState>,
-    Json(new): Json<NewContainer>,
-) -> Result<(StatusCode, Json<crate::queue::Container>), ApiError> {
+    Json(body): Json<serde_json::Value>,
+) -> Result<Response, ApiError> {
+    let bad = |e: serde_json::Error| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string());
+    if body.is_array() {
+        let batch: Vec<NewContainer> = serde_json::from_value(body).map_err(bad)?;
+        if batch.is_empty() {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "an empty array submits nothing".into(),
+            ));
+        }
+        let made = state.queue.submit_many(batch)?;
+        for c in &made {
+            log::info!("container={} submitted priority={}", c.id, c.priority);
+        }
+        state.dispatcher.poke();
+        return Ok((StatusCode::CREATED, Json(made)).into_response());
+    }
+    let new: NewContainer = serde_json::from_value(body).map_err(bad)?;
     let c = state.queue.submit(new)?;
     log::info!("container={} submitted priority={}", c.id, c.priority);
     state.dispatcher.poke();
-    Ok((StatusCode::CREATED, Json(c)))
+    Ok((StatusCode::CREATED, Json(c)).into_response())
 }
 
 #[derive(Deserialize)]
 struct ListQuery {
     #[serde(default)]
     active: bool,
+    /// A page of at most this many, newest first; the `Link` header names the next page.
+    limit: Option<usize>,
+    /// The cursor from the previous page's `Link`.
+    before: Option<i64>,
 }
+
+/// The largest page served.
+const MAX_PAGE: usize = 10_000;
 
 async fn list(
     State(state): State<ApiState>,
     Query(q): Query<ListQuery>,
-) -> Result<Json<Vec<crate::queue::Container>>, ApiError> {
-    let mut list = state.queue.list(q.active)?;
+) -> Result<Response, ApiError> {
+    let (mut list, next) = match q.limit {
+        None => (state.queue.list(q.active)?, None),
+        Some(limit) => {
+            if q.active {
+                return Err(ApiError(
+                    StatusCode::BAD_REQUEST,
+                    "active and limit cannot be combined".into(),
+                ));
+            }
+            let limit = limit.clamp(1, MAX_PAGE);
+            let page = state.queue.page(limit, q.before)?;
+            let next = (page.len() == limit)
+                .then(|| page.last().map(|c| c.seq))
+                .flatten();
+            (page, next)
+        }
+    };
     let waiting = state.dispatcher.waiting();
     for c in &mut list {
         c.scheduling_status = waiting.get(&c.id).cloned();
     }
-    Ok(Json(list))
+    let mut response = Json(list).into_response();
+    if let (Some(seq), Some(limit)) = (next, q.limit) {
+        let link = format!("</containers?limit={limit}&before={seq}>; rel=\"next\"");
+        if let Ok(value) = header::HeaderValue::from_str(&link) {
+            response.headers_mut().insert(header::LINK, value);
+        }
+    }
+    Ok(response)
 }
 
 async fn get_one(

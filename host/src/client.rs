@@ -7,6 +7,27 @@ use anyhow::{anyhow, Context};
 use crate::pool::InstanceView;
 use crate::queue::{Container, NewContainer};
 
+/// Containers per request when `list` walks the pages.
+const LIST_PAGE: usize = 1000;
+
+/// One page of `GET /containers`.
+pub struct Page {
+    pub containers: Vec<Container>,
+    /// The cursor of the next page; `None` on the last.
+    pub next: Option<i64>,
+}
+
+/// The `before` cursor in a `Link: <…&before=N>; rel="next"` header.
+fn next_cursor(link: &str) -> Option<i64> {
+    if !link.contains("rel=\"next\"") {
+        return None;
+    }
+    let url = link.split_once('<')?.1.split_once('>')?.0;
+    url.split(['?', '&'])
+        .find_map(|kv| kv.strip_prefix("before="))
+        .and_then(|v| v.parse().ok())
+}
+
 pub struct Client {
     base: String,
     token: String,
@@ -74,8 +95,37 @@ impl Client {
         self.json("POST", "/containers", Some(serde_json::to_value(new)?))
     }
 
+    /// Many containers in one request: all are queued, or none.
+    pub fn submit_many(&self, batch: &[NewContainer]) -> anyhow::Result<Vec<Container>> {
+        self.json("POST", "/containers", Some(serde_json::to_value(batch)?))
+    }
+
+    /// Every container, newest first, fetched a page at a time.
     pub fn list(&self) -> anyhow::Result<Vec<Container>> {
-        self.json("GET", "/containers", None)
+        let mut all = Vec::new();
+        let mut before = None;
+        loop {
+            let page = self.list_page(LIST_PAGE, before)?;
+            all.extend(page.containers);
+            match page.next {
+                Some(next) => before = Some(next),
+                None => return Ok(all),
+            }
+        }
+    }
+
+    /// One page of at most `limit` containers older than the cursor `before`, newest first.
+    pub fn list_page(&self, limit: usize, before: Option<i64>) -> anyhow::Result<Page> {
+        let mut path = format!("/containers?limit={limit}");
+        if let Some(b) = before {
+            path.push_str(&format!("&before={b}"));
+        }
+        let response = self.call("GET", &path, None)?;
+        let next = response.header("link").and_then(next_cursor);
+        let containers = response
+            .into_json()
+            .with_context(|| format!("GET {path}: bad response"))?;
+        Ok(Page { containers, next })
     }
 
     pub fn get(&self, id: &str) -> anyhow::Result<Container> {

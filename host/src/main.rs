@@ -45,6 +45,40 @@ struct ServerArgs {
     token: Option<String>,
 }
 
+/// What `submit` sends.
+#[derive(Args)]
+struct SubmitArgs {
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// e.g. 512MiB, 2GiB
+    #[arg(long, default_value = "256MiB")]
+    ram: String,
+    #[arg(long, default_value = "0")]
+    scratch: String,
+    #[arg(long, default_value_t = 0)]
+    gpus: u32,
+    #[arg(long)]
+    preemptible: bool,
+    #[arg(long, default_value_t = 1)]
+    priority: i64,
+    #[arg(long)]
+    image: Option<String>,
+    #[arg(long)]
+    workdir: Option<String>,
+    /// K=V, repeatable.
+    #[arg(long = "env")]
+    env: Vec<String>,
+    /// Submit N copies in one request (all or none); each sees its index, 0 to N-1, in
+    /// DISPATCH_CLOUD_INDEX.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    count: Option<u32>,
+    /// Follow them and exit with the exit code (the first non-zero one; 125 if cancelled).
+    #[arg(long)]
+    wait: bool,
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the dispatcher and its API.
@@ -58,43 +92,27 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
     },
-    /// Submit a container: `submit [options] -- CMD ARGS…`. Prints its ID.
+    /// Submit a container: `submit [options] -- CMD ARGS…`. Prints its ID (one per line with
+    /// `--count`).
     Submit {
         #[command(flatten)]
         server: ServerArgs,
-        #[arg(long, default_value_t = 1)]
-        vcpus: u32,
-        /// e.g. 512MiB, 2GiB
-        #[arg(long, default_value = "256MiB")]
-        ram: String,
-        #[arg(long, default_value = "0")]
-        scratch: String,
-        #[arg(long, default_value_t = 0)]
-        gpus: u32,
-        #[arg(long)]
-        preemptible: bool,
-        #[arg(long, default_value_t = 1)]
-        priority: i64,
-        #[arg(long)]
-        image: Option<String>,
-        #[arg(long)]
-        workdir: Option<String>,
-        /// K=V, repeatable.
-        #[arg(long = "env")]
-        env: Vec<String>,
-        /// Follow it and exit with its exit code (125 if cancelled).
-        #[arg(long)]
-        wait: bool,
-        #[arg(last = true, required = true)]
-        command: Vec<String>,
+        #[command(flatten)]
+        args: SubmitArgs,
     },
-    /// List containers.
+    /// List containers, newest first: the newest page, or all of them with `--all`.
     Ps {
         #[command(flatten)]
         server: ServerArgs,
         /// The API's container objects as a JSON array (see README).
         #[arg(long)]
         json: bool,
+        /// Every container, walking the pages.
+        #[arg(long)]
+        all: bool,
+        /// Containers per page.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
     },
     /// Print a finished container's stdout (and its stderr to stderr).
     Logs {
@@ -248,34 +266,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let plugins = plugins.unwrap_or_else(|| cfg.plugins.clone());
             serve(cfg, &plugins)
         }
-        Command::Submit {
+        Command::Submit { server, args } => submit(server, args),
+        Command::Ps {
             server,
-            vcpus,
-            ram,
-            scratch,
-            gpus,
-            preemptible,
-            priority,
-            image,
-            workdir,
-            env,
-            wait,
-            command,
-        } => submit(
-            server,
-            vcpus,
-            ram,
-            scratch,
-            gpus,
-            preemptible,
-            priority,
-            image,
-            workdir,
-            env,
-            wait,
-            command,
-        ),
-        Command::Ps { server, json } => ps(server, json),
+            json,
+            all,
+            limit,
+        } => ps(server, json, all, limit),
         Command::Logs { server, id } => {
             let client = client(&server)?;
             use std::io::Write;
@@ -327,55 +324,71 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The environment variable holding a copy's index under `submit --count`.
+const INDEX_ENV: &str = "DISPATCH_CLOUD_INDEX";
+
 /// `submit`: builds the submission from the flags, sends it, and with `--wait` follows it.
-#[allow(clippy::too_many_arguments)]
-fn submit(
-    server: ServerArgs,
-    vcpus: u32,
-    ram: String,
-    scratch: String,
-    gpus: u32,
-    preemptible: bool,
-    priority: i64,
-    image: Option<String>,
-    workdir: Option<String>,
-    env: Vec<String>,
-    wait: bool,
-    command: Vec<String>,
-) -> anyhow::Result<ExitCode> {
+fn submit(server: ServerArgs, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let mut env_map = BTreeMap::new();
-    for kv in env {
+    for kv in args.env {
         let (k, v) = kv
             .split_once('=')
             .ok_or_else(|| anyhow!("--env {kv:?}: expected K=V"))?;
         env_map.insert(k.to_string(), v.to_string());
     }
     let new = NewContainer {
-        command,
+        command: args.command,
         env: env_map,
-        working_dir: workdir,
-        image,
-        priority,
+        working_dir: args.workdir,
+        image: args.image,
+        priority: args.priority,
         runtime_constraints: RuntimeConstraints {
-            vcpus,
-            ram_bytes: Size::parse(&ram).map_err(|e| anyhow!("--ram: {e}"))?.0,
-            scratch_bytes: Size::parse(&scratch)
+            vcpus: args.vcpus,
+            ram_bytes: Size::parse(&args.ram).map_err(|e| anyhow!("--ram: {e}"))?.0,
+            scratch_bytes: Size::parse(&args.scratch)
                 .map_err(|e| anyhow!("--scratch: {e}"))?
                 .0,
-            gpus,
-            preemptible,
+            gpus: args.gpus,
+            preemptible: args.preemptible,
         },
     };
     let client = client(&server)?;
-    let c = client.submit(&new)?;
-    println!("{}", c.id);
-    if !wait {
+    let submitted = match args.count {
+        None => vec![client.submit(&new)?],
+        Some(n) => {
+            let copies: Vec<NewContainer> = (0..n)
+                .map(|i| {
+                    let mut copy = new.clone();
+                    copy.env.insert(INDEX_ENV.into(), i.to_string());
+                    copy
+                })
+                .collect();
+            client.submit_many(&copies)?
+        }
+    };
+    for c in &submitted {
+        println!("{}", c.id);
+    }
+    if !args.wait {
         return Ok(ExitCode::SUCCESS);
     }
+    let mut exit = ExitCode::SUCCESS;
+    let mut first_failure = false;
+    for c in submitted {
+        let code = follow(&client, c)?;
+        if code != ExitCode::SUCCESS && !first_failure {
+            first_failure = true;
+            exit = code;
+        }
+    }
+    Ok(exit)
+}
+
+/// Waits for a container to end, printing its state changes; its exit code as ours.
+fn follow(client: &Client, c: dispatch_cloud::queue::Container) -> anyhow::Result<ExitCode> {
     let mut last = c.state;
     eprintln!("{} {:?}", c.id, last);
     loop {
-        std::thread::sleep(Duration::from_millis(100));
         let now = client.get(&c.id)?;
         if now.state != last {
             last = now.state;
@@ -402,12 +415,18 @@ fn submit(
             }
             _ => {}
         }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
-/// `ps`: the containers, newest first.
-fn ps(server: ServerArgs, json: bool) -> anyhow::Result<ExitCode> {
-    let list = client(&server)?.list()?;
+/// `ps`: the containers, newest first (one page, or all with `all`).
+fn ps(server: ServerArgs, json: bool, all: bool, limit: usize) -> anyhow::Result<ExitCode> {
+    let client = client(&server)?;
+    let list = if all {
+        client.list()?
+    } else {
+        client.list_page(limit.max(1), None)?.containers
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);
     } else {

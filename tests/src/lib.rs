@@ -246,10 +246,19 @@ pub fn build_fixture(crate_dir: &str, library: &str) -> PathBuf {
 
 /// Resident memory of a process in KiB.
 pub fn rss_kib(pid: i32) -> Option<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// The most resident memory a process ever had, in KiB.
+pub fn peak_rss_kib(pid: i32) -> Option<u64> {
+    status_kib(pid, "VmHWM:")
+}
+
+fn status_kib(pid: i32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
@@ -303,6 +312,9 @@ pub struct HarnessOptions {
     pub runner_path: Option<PathBuf>,
     /// A whole `plugins.toml` with an instance set named `test`, instead of loopback's.
     pub catalogue: Option<String>,
+    pub probe_interval_seconds: f64,
+    /// Lines added to the `[limits]` table.
+    pub limits_extra: String,
 }
 
 impl Default for HarnessOptions {
@@ -315,6 +327,8 @@ impl Default for HarnessOptions {
             max_dispatch_attempts: 50,
             runner_path: None,
             catalogue: None,
+            probe_interval_seconds: 0.1,
+            limits_extra: String::new(),
         }
     }
 }
@@ -374,7 +388,12 @@ impl ServeHarness {
             .replace(
                 "max_dispatch_attempts = 50",
                 &format!("max_dispatch_attempts = {}", opts.max_dispatch_attempts),
-            );
+            )
+            .replace(
+                "probe_interval_seconds = 0.1",
+                &format!("probe_interval_seconds = {}", opts.probe_interval_seconds),
+            )
+            .replace("[limits]\n", &format!("[limits]\n{}\n", opts.limits_extra));
         let config_file = dir.path().join("cluster.toml");
         // Port 0: serve binds a free port itself and writes it to `<state>/api-address`, so
         // parallel tests never race for one.
@@ -402,6 +421,11 @@ impl ServeHarness {
 
     pub fn config_file(&self) -> &Path {
         &self.config_file
+    }
+
+    /// The serve process's PID, while it runs.
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().and_then(|c| i32::try_from(c.id()).ok())
     }
 
     /// Starts (or restarts) the serve process and waits until its API answers.

@@ -35,6 +35,13 @@ const BOOTING_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// the probe interval): a probe opens the stream again.
 const WATCH_RETRY: Duration = Duration::from_millis(500);
 
+/// The wait before probing a worker whose event stream is down, after `failures` failures.
+fn watch_retry(failures: u32, interval: Duration) -> Duration {
+    WATCH_RETRY
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(interval)
+}
+
 /// What the pool needs to know, fixed for its life.
 #[derive(Clone, Debug)]
 pub struct PoolConfig {
@@ -479,14 +486,19 @@ impl Pool {
         if report.booted {
             w.booted = true;
         }
-        // A VM still booting is what containers wait for: look again soon, however rare the
-        // probes of running VMs are (they have an event stream).
-        w.next_probe_at = now
-            + if w.booted {
-                interval
-            } else {
-                interval.min(BOOTING_PROBE_INTERVAL)
-            };
+        // Probes of a VM with an event stream can be rare; one still booting (containers wait
+        // for it) or whose stream is down (a probe reopens it) is looked at again soon.
+        let delay = if !w.booted {
+            interval.min(BOOTING_PROBE_INTERVAL)
+        } else if !w.watching {
+            if report.list.is_err() {
+                w.watch_failures = w.watch_failures.saturating_add(1);
+            }
+            watch_retry(w.watch_failures, interval)
+        } else {
+            interval
+        };
+        w.next_probe_at = now + delay;
         match report.list {
             Ok(list) => self.apply_run_list(id, started, list, now),
             Err(e) => {
@@ -619,11 +631,10 @@ impl Pool {
         let interval = self.config.probe_interval;
         if let Some(w) = self.workers.get_mut(id) {
             w.watching = false;
-            let delay = WATCH_RETRY
-                .saturating_mul(1 << w.watch_failures.min(16))
-                .min(interval);
             w.watch_failures = w.watch_failures.saturating_add(1);
-            w.next_probe_at = w.next_probe_at.min(now + delay);
+            w.next_probe_at = w
+                .next_probe_at
+                .min(now + watch_retry(w.watch_failures, interval));
         }
     }
 

@@ -160,6 +160,11 @@ pub struct RunResult<'a> {
 /// backends (PostgreSQL, the Arvados controller) implement the same trait.
 pub trait Queue: Send + Sync {
     fn submit(&self, new: NewContainer) -> Result<Container, QueueError>;
+    /// All of them or, when one is refused (the error names its index), none.
+    fn submit_many(&self, batch: Vec<NewContainer>) -> Result<Vec<Container>, QueueError>;
+    /// Up to `limit` containers older than `before_seq` (all, when `None`), newest first:
+    /// the next page starts before the last one's `seq`.
+    fn page(&self, limit: usize, before_seq: Option<i64>) -> Result<Vec<Container>, QueueError>;
     fn get(&self, id: &str) -> Result<Container, QueueError>;
     /// Every container, newest first; `active_only` limits it to Queued, Locked and Running.
     fn list(&self, active_only: bool) -> Result<Vec<Container>, QueueError>;

@@ -195,40 +195,86 @@ impl SqliteQueue {
 
 impl Queue for SqliteQueue {
     fn submit(&self, new: NewContainer) -> Result<Container, QueueError> {
-        if new.command.is_empty() {
-            return Err(QueueError::Invalid("command: must not be empty".into()));
+        self.submit_many(vec![new])?
+            .pop()
+            .ok_or_else(|| QueueError::Invalid("nothing submitted".into()))
+    }
+
+    fn submit_many(&self, batch: Vec<NewContainer>) -> Result<Vec<Container>, QueueError> {
+        // Checked and encoded before anything is written: one bad entry refuses the batch.
+        let mut rows = Vec::with_capacity(batch.len());
+        for (i, new) in batch.iter().enumerate() {
+            let at = |what: &str| {
+                if batch.len() == 1 {
+                    what.to_string()
+                } else {
+                    format!("[{i}].{what}")
+                }
+            };
+            if new.command.is_empty() {
+                return Err(QueueError::Invalid(format!(
+                    "{}: must not be empty",
+                    at("command")
+                )));
+            }
+            if new.priority < 0 {
+                return Err(QueueError::Invalid(format!(
+                    "{}: must be 0 or more",
+                    at("priority")
+                )));
+            }
+            let command = serde_json::to_string(&new.command)
+                .map_err(|e| QueueError::Invalid(format!("{}: {e}", at("command"))))?;
+            let env = serde_json::to_string(&new.env)
+                .map_err(|e| QueueError::Invalid(format!("{}: {e}", at("env"))))?;
+            rows.push((new_id(&self.cluster_id), command, env));
         }
-        if new.priority < 0 {
-            return Err(QueueError::Invalid("priority: must be 0 or more".into()));
-        }
-        let id = new_id(&self.cluster_id);
-        let rc = &new.runtime_constraints;
-        let command =
-            serde_json::to_string(&new.command).map_err(|e| QueueError::Invalid(e.to_string()))?;
-        let env =
-            serde_json::to_string(&new.env).map_err(|e| QueueError::Invalid(e.to_string()))?;
+        let now = now_ms();
         self.with(|c| {
-            c.execute(
-                "INSERT INTO containers (id, state, priority, command, env, working_dir, image,
-                    vcpus, ram_bytes, scratch_bytes, gpus, preemptible, created_at_ms)
-                 VALUES (?1, 'Queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                params![
-                    id,
-                    new.priority,
-                    command,
-                    env,
-                    new.working_dir,
-                    new.image,
-                    rc.vcpus,
-                    i64::try_from(rc.ram_bytes).unwrap_or(i64::MAX),
-                    i64::try_from(rc.scratch_bytes).unwrap_or(i64::MAX),
-                    rc.gpus,
-                    rc.preemptible,
-                    now_ms()
-                ],
-            )
+            let tx = c.unchecked_transaction()?;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO containers (id, state, priority, command, env, working_dir, image,
+                        vcpus, ram_bytes, scratch_bytes, gpus, preemptible, created_at_ms)
+                     VALUES (?1, 'Queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                )?;
+                for (new, (id, command, env)) in batch.iter().zip(&rows) {
+                    let rc = &new.runtime_constraints;
+                    insert.execute(params![
+                        id,
+                        new.priority,
+                        command,
+                        env,
+                        new.working_dir,
+                        new.image,
+                        rc.vcpus,
+                        i64::try_from(rc.ram_bytes).unwrap_or(i64::MAX),
+                        i64::try_from(rc.scratch_bytes).unwrap_or(i64::MAX),
+                        rc.gpus,
+                        rc.preemptible,
+                        now
+                    ])?;
+                }
+            }
+            tx.commit()
         })?;
-        self.get(&id)
+        rows.iter().map(|(id, _, _)| self.get(id)).collect()
+    }
+
+    fn page(&self, limit: usize, before_seq: Option<i64>) -> Result<Vec<Container>, QueueError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT * FROM containers WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(
+                params![
+                    before_seq.unwrap_or(i64::MAX),
+                    i64::try_from(limit).unwrap_or(i64::MAX)
+                ],
+                from_row,
+            )?;
+            rows.collect()
+        })
     }
 
     fn get(&self, id: &str) -> Result<Container, QueueError> {
@@ -502,5 +548,40 @@ mod tests {
         let (_d, q) = queue();
         let err = q.submit(NewContainer::default()).expect_err("empty");
         assert!(err.to_string().contains("command"), "{err}");
+    }
+
+    #[test]
+    fn a_batch_goes_in_whole_or_not_at_all_and_pages_walk_it() {
+        let (_d, q) = queue();
+        let one = || NewContainer {
+            command: vec!["true".into()],
+            ..NewContainer::default()
+        };
+        let mut bad = vec![one(), one(), one()];
+        bad[2].command.clear();
+        let err = q.submit_many(bad).expect_err("refused");
+        assert!(err.to_string().contains("[2].command"), "{err}");
+        assert!(
+            q.list(false).expect("list").is_empty(),
+            "part of a refused batch stayed"
+        );
+        let made = q
+            .submit_many((0..7).map(|_| one()).collect())
+            .expect("batch");
+        assert_eq!(made.len(), 7);
+        let mut seen = Vec::new();
+        let mut before = None;
+        loop {
+            let page = q.page(3, before).expect("page");
+            if page.is_empty() {
+                break;
+            }
+            assert!(page.len() <= 3);
+            before = page.last().map(|c| c.seq);
+            seen.extend(page.into_iter().map(|c| c.id));
+        }
+        let mut newest_first: Vec<String> = made.into_iter().map(|c| c.id).collect();
+        newest_first.reverse();
+        assert_eq!(seen, newest_first);
     }
 }
