@@ -31,6 +31,7 @@ fn container(i: usize, state: ContainerState) -> Container {
         created_at_ms: 0,
         started_at_ms: None,
         finished_at_ms: None,
+        recorded_at_ms: None,
         exit_code: None,
         runtime_error: None,
         log_dir: None,

@@ -100,6 +100,11 @@ impl Client {
         self.json("POST", "/containers", Some(serde_json::to_value(batch)?))
     }
 
+    /// The containers not yet final (Queued, Locked, Running), oldest first.
+    pub fn active(&self) -> anyhow::Result<Vec<Container>> {
+        self.json("GET", "/containers?active=true", None)
+    }
+
     /// Every container, newest first, fetched a page at a time.
     pub fn list(&self) -> anyhow::Result<Vec<Container>> {
         let mut all = Vec::new();

@@ -114,6 +114,9 @@ pub struct Timeouts {
     pub booting: Duration,
     pub probe: Duration,
     pub probe_interval: Duration,
+    /// Between probes of a VM whose runner streams its events (they only check liveness and
+    /// reconcile); never shorter than `probe_interval`.
+    pub watched_probe_interval: Duration,
     pub sync_interval: Duration,
     pub shutdown: Duration,
     pub signal: Duration,
@@ -132,6 +135,7 @@ impl Default for Timeouts {
             booting: s(600),
             probe: s(600),
             probe_interval: s(10),
+            watched_probe_interval: s(60),
             sync_interval: s(60),
             shutdown: s(10),
             signal: s(5),
@@ -614,11 +618,16 @@ impl Reader<'_> {
     fn timeouts(&mut self, t: &Table) -> Timeouts {
         let mut out = Timeouts::default();
         // The flag marks the timeouts that pace a loop or bound a wait, where 0 would spin.
-        let fields: [(&str, &mut Duration, bool); 12] = [
+        let fields: [(&str, &mut Duration, bool); 13] = [
             ("idle_seconds", &mut out.idle, true),
             ("booting_seconds", &mut out.booting, true),
             ("probe_seconds", &mut out.probe, true),
             ("probe_interval_seconds", &mut out.probe_interval, true),
+            (
+                "watched_probe_interval_seconds",
+                &mut out.watched_probe_interval,
+                true,
+            ),
             ("sync_interval_seconds", &mut out.sync_interval, true),
             ("shutdown_seconds", &mut out.shutdown, false),
             ("signal_seconds", &mut out.signal, true),

@@ -71,6 +71,10 @@ enum Event {
         worker: String,
         entry: RunEntry,
     },
+    /// The worker's runner flagged the node broken.
+    Broken {
+        worker: String,
+    },
     /// The worker's event stream ended.
     WatchEnded {
         worker: String,
@@ -149,6 +153,12 @@ pub struct Dispatcher {
     /// Locked containers found at start-up: unlocked once the pool has recovered unless a
     /// worker turns out to run them.
     stale_locks: Option<HashSet<String>>,
+    /// Something the plan depends on changed since the last one. Re-planning reads the whole
+    /// active queue, so probes that changed nothing (most, in a large fleet) do not cause it.
+    replan: bool,
+    /// The earliest moment a plan made now could come out differently by time alone (a
+    /// hold-off, back-off or retry ending, or the pool counting as recovered).
+    plan_expires_at: Option<Instant>,
 }
 
 impl Dispatcher {
@@ -178,6 +188,7 @@ impl Dispatcher {
                     probe: t.probe,
                 },
                 probe_interval: t.probe_interval,
+                watched_probe_interval: t.watched_probe_interval,
                 shutdown_retry: t.shutdown,
                 max_probes_per_second: config.limits.max_probes_per_second,
                 stale_lock: t.stale_lock,
@@ -221,6 +232,8 @@ impl Dispatcher {
             listing: None,
             next_sync_at: now,
             stale_locks: Some(stale),
+            replan: true,
+            plan_expires_at: None,
         })
     }
 
@@ -237,7 +250,7 @@ impl Dispatcher {
             let deadline = self.next_wake(Instant::now());
             tokio::select! {
                 _ = &mut shutdown => break,
-                _ = wake.notified() => {}
+                _ = wake.notified() => self.replan = true,
                 Some(event) = self.events_rx.recv() => self.apply(event),
                 _ = tokio::time::sleep_until(deadline) => {}
             }
@@ -288,6 +301,19 @@ impl Dispatcher {
 
     fn apply(&mut self, event: Event) {
         let now = Instant::now();
+        let generation = self.pool.generation();
+        match &event {
+            // These change the plan's inputs only if the pool says so.
+            Event::Probed { .. } | Event::WatchSnapshot { .. } | Event::WatchEnded { .. } => {}
+            _ => self.replan = true,
+        }
+        self.apply_event(event, now);
+        if self.pool.generation() != generation {
+            self.replan = true;
+        }
+    }
+
+    fn apply_event(&mut self, event: Event, now: Instant) {
         match event {
             Event::Listed { launched, result } => {
                 self.listing = None;
@@ -340,6 +366,10 @@ impl Dispatcher {
                     entry.state
                 );
                 self.pool.apply_run_event(&worker, entry, now);
+            }
+            Event::Broken { worker } => {
+                let effect = self.pool.apply_broken(&worker);
+                self.execute(effect.into_iter().collect());
             }
             Event::WatchEnded { worker, error } => {
                 match error {
@@ -492,10 +522,27 @@ impl Dispatcher {
             self.probe(job);
         }
         let effects = self.pool.apply_timeouts(now);
+        if !effects.is_empty() {
+            self.replan = true;
+        }
         self.execute(effects);
+        let expired = self.plan_expires_at.is_some_and(|t| now >= t);
+        if !(self.replan || expired) {
+            return;
+        }
         if self.pool.listed_once() {
+            self.replan = false;
             self.release_stale_locks(now);
             self.schedule(now);
+            self.plan_expires_at = [
+                self.cloud.next_holdoff_end(),
+                self.pool.next_backoff_end(now),
+                self.pool.recovery_deadline(now),
+                self.retry_at.values().filter(|t| **t > now).min().copied(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
         }
         if let Ok(mut slot) = self.handle.instances.lock() {
             *slot = self.pool.view();
@@ -554,6 +601,9 @@ impl Dispatcher {
                         WatchLine::Run(entry) => Event::RunSeen {
                             worker: worker.clone(),
                             entry,
+                        },
+                        WatchLine::Broken => Event::Broken {
+                            worker: worker.clone(),
                         },
                         WatchLine::Heartbeat => continue,
                     };

@@ -65,6 +65,8 @@ pub enum WatchLine {
     Snapshot(RunList),
     /// A run that started, ended or went stale since.
     Run(RunEntry),
+    /// The node flagged itself broken (`BROKEN_FLAG` appeared).
+    Broken,
     /// Nothing changed for a while; lets the watcher notice a reader that went away.
     Heartbeat,
 }
@@ -424,8 +426,18 @@ fn watch() -> anyhow::Result<i32> {
     }
     let mut last_write = Instant::now();
     let mut last_scan = Instant::now();
+    let broken_flag = vm_root().join(BROKEN_FLAG);
+    let mut broken = broken_flag.exists();
     let mut buf = [0u8; 256];
     loop {
+        // Checked every turn (at least twice a second): a broken node must stop getting work.
+        if !broken && broken_flag.exists() {
+            broken = true;
+            if emit(&WatchLine::Broken).is_err() {
+                return Ok(0);
+            }
+            last_write = Instant::now();
+        }
         let mut changed: Vec<RunEntry> = Vec::new();
         match socket.recv(&mut buf) {
             Ok(n) => {

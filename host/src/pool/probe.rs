@@ -29,6 +29,9 @@ pub enum RemoteError {
     Collect(#[from] CollectError),
 }
 
+/// How long an event stream may stay silent (three of the runner's heartbeats).
+const WATCH_SILENCE: std::time::Duration = std::time::Duration::from_secs(45);
+
 /// The longest line `runner watch` may send (a snapshot lists every run on the VM).
 const WATCH_LINE_LIMIT: usize = 16 * 1024 * 1024;
 
@@ -206,7 +209,19 @@ impl Remote<'_> {
         let run = exec.stream(&command, chunks_tx);
         let parse = async move {
             let mut pending: Vec<u8> = Vec::new();
-            while let Some(chunk) = chunks.recv().await {
+            loop {
+                // The runner writes at least a heartbeat every 15 s: silence this long means a
+                // connection that died without closing, and the stream is given up.
+                let chunk = match tokio::time::timeout(WATCH_SILENCE, chunks.recv()).await {
+                    Ok(Some(chunk)) => chunk,
+                    Ok(None) => break,
+                    Err(_) => {
+                        return Err(RemoteError::BadOutput {
+                            what: "runner watch",
+                            message: format!("silent for {} s", WATCH_SILENCE.as_secs()),
+                        })
+                    }
+                };
                 pending.extend_from_slice(&chunk);
                 while let Some(end) = pending.iter().position(|b| *b == b'\n') {
                     let line: Vec<u8> = pending.drain(..=end).collect();

@@ -48,6 +48,8 @@ pub struct PoolConfig {
     pub types: Vec<InstanceType>,
     pub timeouts: state::Timeouts,
     pub probe_interval: Duration,
+    /// Between probes of a worker whose event stream is up (at least `probe_interval`).
+    pub watched_probe_interval: Duration,
     /// Wait this long after a failed destroy before trying again.
     pub shutdown_retry: Duration,
     pub max_probes_per_second: f64,
@@ -149,7 +151,29 @@ struct Worker {
     fresh: HashMap<String, (Option<RunState>, Instant)>,
 }
 
+/// What of a worker the scheduler and the instance view depend on.
+#[derive(PartialEq)]
+struct Fingerprint {
+    status: WorkerStatus,
+    booted: bool,
+    runners: HashMap<String, RunState>,
+    starting: Vec<String>,
+    reason: Option<String>,
+}
+
 impl Worker {
+    fn fingerprint(&self) -> Fingerprint {
+        let mut starting: Vec<String> = self.starting.keys().cloned().collect();
+        starting.sort();
+        Fingerprint {
+            status: self.status.clone(),
+            booted: self.booted,
+            runners: self.runners.clone(),
+            starting,
+            reason: self.reason.clone(),
+        }
+    }
+
     fn active_runners(&self) -> usize {
         self.runners
             .values()
@@ -180,6 +204,9 @@ pub struct Pool {
     /// Listings applied since start (saturating at 2: all that matters is "settled").
     listings: u8,
     next_probe_slot: Instant,
+    /// Bumped whenever a probe or a snapshot changed what the scheduler sees: the
+    /// dispatcher re-plans only then (most probes of a large fleet change nothing).
+    generation: u64,
 }
 
 impl Pool {
@@ -195,12 +222,28 @@ impl Pool {
             listed_once: false,
             listings: 0,
             next_probe_slot: now,
+            generation: 0,
         }
     }
 
     /// Instances including creates in flight.
     pub fn instance_count(&self) -> usize {
         self.workers.len() + self.pending.len()
+    }
+
+    /// Changes with every probe or snapshot that changed something.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// When `recovered` will turn true by time alone (None: it has or cannot).
+    pub fn recovery_deadline(&self, now: Instant) -> Option<Instant> {
+        (!self.recovered(now)).then_some(self.started_at + self.config.stale_lock)
+    }
+
+    /// When the next create back-off ends.
+    pub fn next_backoff_end(&self, now: Instant) -> Option<Instant> {
+        self.backoff.next_end(now)
     }
 
     pub fn listed_once(&self) -> bool {
@@ -478,28 +521,15 @@ impl Pool {
         report: ProbeReport,
         now: Instant,
     ) -> Vec<Effect> {
-        let interval = self.config.probe_interval;
         let Some(w) = self.workers.get_mut(id) else {
             return Vec::new();
         };
+        let before = w.fingerprint();
         w.probing = false;
         if report.booted {
             w.booted = true;
         }
-        // Probes of a VM with an event stream can be rare; one still booting (containers wait
-        // for it) or whose stream is down (a probe reopens it) is looked at again soon.
-        let delay = if !w.booted {
-            interval.min(BOOTING_PROBE_INTERVAL)
-        } else if !w.watching {
-            if report.list.is_err() {
-                w.watch_failures = w.watch_failures.saturating_add(1);
-            }
-            watch_retry(w.watch_failures, interval)
-        } else {
-            interval
-        };
-        w.next_probe_at = now + delay;
-        match report.list {
+        let effects = match report.list {
             Ok(list) => self.apply_run_list(id, started, list, now),
             Err(e) => {
                 let reason = e.to_string();
@@ -509,9 +539,30 @@ impl Pool {
                     log::debug!("instance={id} probe failed: {reason}");
                 }
                 w.reason = Some(reason);
+                if w.booted && !w.watching {
+                    w.watch_failures = w.watch_failures.saturating_add(1);
+                }
                 Vec::new()
             }
+        };
+        let interval = self.config.probe_interval;
+        let watched_interval = self.config.watched_probe_interval.max(interval);
+        if let Some(w) = self.workers.get_mut(id) {
+            // Probes of a VM with an event stream can be rare; one still booting (containers
+            // wait for it) or whose stream is down (a probe reopens it) is looked at soon.
+            let delay = if !w.booted {
+                interval.min(BOOTING_PROBE_INTERVAL)
+            } else if !w.watching {
+                watch_retry(w.watch_failures, interval)
+            } else {
+                watched_interval
+            };
+            w.next_probe_at = now + delay;
+            if !effects.is_empty() || w.fingerprint() != before {
+                self.generation += 1;
+            }
         }
+        effects
     }
 
     /// The event stream's first line: every run on the worker, listed after `launched` (when
@@ -523,10 +574,21 @@ impl Pool {
         list: RunList,
         now: Instant,
     ) -> Vec<Effect> {
-        if let Some(w) = self.workers.get_mut(id) {
-            w.watch_failures = 0;
+        let Some(w) = self.workers.get_mut(id) else {
+            return Vec::new();
+        };
+        w.watch_failures = 0;
+        let before = w.fingerprint();
+        let effects = self.apply_run_list(id, launched, list, now);
+        if !effects.is_empty()
+            || self
+                .workers
+                .get(id)
+                .is_none_or(|w| w.fingerprint() != before)
+        {
+            self.generation += 1;
         }
-        self.apply_run_list(id, launched, list, now)
+        effects
     }
 
     /// A full list of the worker's runs, as of `started`.
@@ -590,10 +652,8 @@ impl Pool {
             w.busy_at = now;
             log::info!("instance={id} from={before:?} to={:?} (booted)", w.status);
         }
-        if list.broken && w.behavior == IdleBehavior::Run {
-            log::warn!("instance={id} reports a broken node; draining");
-            w.reason = Some("the node reports itself broken".into());
-            effects.extend(self.set_behavior(id, IdleBehavior::Drain));
+        if list.broken {
+            effects.extend(self.apply_broken(id));
         }
         if let Some(w) = self.workers.get_mut(id) {
             // A booted worker with the runner in place streams its runs' changes from now on.
@@ -623,6 +683,18 @@ impl Pool {
         }
         w.runners.insert(entry.id, entry.state);
         Self::refresh_status(w, now);
+    }
+
+    /// The node reports itself broken: it drains (takes no new work).
+    pub fn apply_broken(&mut self, id: &str) -> Option<Effect> {
+        let w = self.workers.get_mut(id)?;
+        if w.behavior != IdleBehavior::Run {
+            return None;
+        }
+        log::warn!("instance={id} reports a broken node; draining");
+        w.reason = Some("the node reports itself broken".into());
+        self.generation += 1;
+        self.set_behavior(id, IdleBehavior::Drain)
     }
 
     /// The event stream ended (the connection dropped, the VM went, or the runner is too old
@@ -814,6 +886,9 @@ impl Pool {
             Err(e) => {
                 if w.starting.contains_key(container) {
                     w.failed_starts.insert(container.to_string(), e.to_string());
+                    // Only a probe can tell whether it runs anyway: one soon, not a watched
+                    // worker's rare one.
+                    w.next_probe_at = w.next_probe_at.min(now + self.config.probe_interval);
                 }
                 Started::Unconfirmed
             }

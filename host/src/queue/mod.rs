@@ -113,8 +113,12 @@ pub struct Container {
     /// Submission order; breaks priority ties so equal-priority work does not flap.
     pub seq: i64,
     pub created_at_ms: i64,
+    /// When it started and ended: the VM's own times once the runner reported them.
     pub started_at_ms: Option<i64>,
     pub finished_at_ms: Option<i64>,
+    /// When the host recorded its final state (its end as the queue saw it).
+    #[serde(default)]
+    pub recorded_at_ms: Option<i64>,
     pub exit_code: Option<i32>,
     pub runtime_error: Option<String>,
     /// Directory holding `stdout` and `stderr` once the result is recorded.

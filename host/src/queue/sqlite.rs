@@ -41,6 +41,8 @@ const MIGRATIONS: &[&str] = &[
     // Dispatch attempts: starts on a VM that produced no result. `lock_count` stays as a plain
     // statistic; it no longer decides anything.
     "ALTER TABLE containers ADD COLUMN dispatch_attempts INTEGER NOT NULL DEFAULT 0;",
+    // When the host recorded the final state; `finished_at_ms` is the VM's own end time.
+    "ALTER TABLE containers ADD COLUMN recorded_at_ms INTEGER;",
 ];
 
 pub struct SqliteQueue {
@@ -99,6 +101,7 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Container> {
         created_at_ms: row.get("created_at_ms")?,
         started_at_ms: row.get("started_at_ms")?,
         finished_at_ms: row.get("finished_at_ms")?,
+        recorded_at_ms: row.get("recorded_at_ms")?,
         exit_code: row.get("exit_code")?,
         runtime_error: row.get("runtime_error")?,
         log_dir: row.get("log_dir")?,
@@ -333,7 +336,7 @@ impl Queue for SqliteQueue {
                 id,
                 &active,
                 ContainerState::Cancelled,
-                "dispatch_attempts = ?2, runtime_error = ?3, finished_at_ms = ?4",
+                "dispatch_attempts = ?2, runtime_error = ?3, finished_at_ms = ?4, recorded_at_ms = ?4",
                 &[
                     &attempts,
                     &format!(
@@ -380,7 +383,7 @@ impl Queue for SqliteQueue {
                 ContainerState::Running,
             ],
             ContainerState::Complete,
-            "exit_code = ?2, runtime_error = ?3, log_dir = ?4,
+            "exit_code = ?2, runtime_error = ?3, log_dir = ?4, recorded_at_ms = ?5,
              finished_at_ms = COALESCE(?6, ?5),
              started_at_ms = COALESCE(?7, started_at_ms, ?5)",
             &[
@@ -403,7 +406,7 @@ impl Queue for SqliteQueue {
                 ContainerState::Running,
             ],
             ContainerState::Cancelled,
-            "runtime_error = ?2, finished_at_ms = ?3",
+            "runtime_error = ?2, finished_at_ms = ?3, recorded_at_ms = ?3",
             &[&reason, &now_ms()],
         )
     }

@@ -755,6 +755,7 @@ mod tests {
             created_at_ms: 0,
             started_at_ms: None,
             finished_at_ms: None,
+            recorded_at_ms: None,
             exit_code: None,
             runtime_error: None,
             log_dir: None,
