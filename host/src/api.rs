@@ -185,10 +185,11 @@ async fn set_priority(
     Ok(Json(state.queue.get(&id)?))
 }
 
+/// Streams a log file in chunks: a container's log can be far larger than the server's memory.
 async fn logs(
     State(state): State<ApiState>,
     Path((id, stream)): Path<(String, String)>,
-) -> Result<Vec<u8>, ApiError> {
+) -> Result<Response, ApiError> {
     if stream != "stdout" && stream != "stderr" {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
@@ -202,12 +203,33 @@ async fn logs(
             format!("container {id} is {:?}: no logs recorded yet", c.state),
         ));
     };
-    std::fs::read(std::path::Path::new(&dir).join(&stream)).map_err(|e| {
-        ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("reading {stream}: {e}"),
-        )
-    })
+    let file = tokio::fs::File::open(std::path::Path::new(&dir).join(&stream))
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading {stream}: {e}"),
+            )
+        })?;
+    let chunks = futures_util::stream::unfold(Some(file), |file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut file = file?;
+        let mut buf = vec![0u8; 64 * 1024];
+        match file.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(buf), Some(file)))
+            }
+            // Reported once; the stream ends after it.
+            Err(e) => Some((Err(e), None)),
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        axum::body::Body::from_stream(chunks),
+    )
+        .into_response())
 }
 
 async fn instances(State(state): State<ApiState>) -> Json<Vec<crate::pool::InstanceView>> {

@@ -71,6 +71,11 @@ enum Event {
         worker: String,
         entry: RunEntry,
     },
+    /// A run directory on the worker was forgotten.
+    RunGone {
+        worker: String,
+        container: String,
+    },
     /// The worker's runner flagged the node broken.
     Broken {
         worker: String,
@@ -367,6 +372,9 @@ impl Dispatcher {
                 );
                 self.pool.apply_run_event(&worker, entry, now);
             }
+            Event::RunGone { worker, container } => {
+                self.pool.runner_forgotten(&worker, &container, now)
+            }
             Event::Broken { worker } => {
                 let effect = self.pool.apply_broken(&worker);
                 self.execute(effect.into_iter().collect());
@@ -564,8 +572,20 @@ impl Dispatcher {
                 // Deploy even when the boot probe failed: a VM already running containers
                 // must still be listable (reference #20235).
                 if let Err(e) = remote.deploy(exec).await {
-                    log::debug!("instance={} runner deploy failed: {e}", job.worker);
                     booted = false;
+                    // A runner of the wrong protocol is an operator's fault to show, not a
+                    // VM still booting.
+                    if matches!(e, RemoteError::Protocol { .. }) {
+                        return Event::Probed {
+                            worker: job.worker,
+                            started: job.started,
+                            report: ProbeReport {
+                                booted,
+                                list: Err(e),
+                            },
+                        };
+                    }
+                    log::debug!("instance={} runner deploy failed: {e}", job.worker);
                 }
             }
             let list = remote.list(exec).await;
@@ -601,6 +621,10 @@ impl Dispatcher {
                         WatchLine::Run(entry) => Event::RunSeen {
                             worker: worker.clone(),
                             entry,
+                        },
+                        WatchLine::Gone(id) => Event::RunGone {
+                            worker: worker.clone(),
+                            container: id,
                         },
                         WatchLine::Broken => Event::Broken {
                             worker: worker.clone(),
@@ -671,6 +695,8 @@ impl Dispatcher {
             Ok(c) => c,
             Err(e) => {
                 log::error!("Reading the queue failed: {e}");
+                // Planned again at the next wake-up, whatever it is.
+                self.replan = true;
                 return;
             }
         };
@@ -767,8 +793,13 @@ impl Dispatcher {
                 Ok(true) => {
                     log::info!("container={container} type={instance_type} from=Queued to=Locked")
                 }
-                _ => {
+                Ok(false) => {
                     lock_failed.insert(container);
+                }
+                Err(e) => {
+                    log::warn!("container={container} lock: {e}");
+                    lock_failed.insert(container);
+                    self.replan = true;
                 }
             },
             Action::Unlock { container } => match self.queue.unlock(&container) {

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,10 @@ pub const VM_ROOT_ENV: &str = "DISPATCH_CLOUD_VM_ROOT";
 pub const BROKEN_FLAG: &str = "var/lock/dispatch-cloud-runner-broken";
 /// Where the host deploys its executable, relative to the VM root.
 pub const DEPLOY_DIR: &str = "var/lib/dispatch-cloud/bin";
+
+/// The runner protocol this build speaks (`runner version`). Raised whenever a subcommand or
+/// an output the host relies on changes; the host refuses a runner that speaks another.
+pub const PROTOCOL: u32 = 2;
 
 /// What `start` reads on stdin.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -65,6 +70,8 @@ pub enum WatchLine {
     Snapshot(RunList),
     /// A run that started, ended or went stale since.
     Run(RunEntry),
+    /// A run directory was forgotten (removed): the ID is no longer on this VM.
+    Gone(String),
     /// The node flagged itself broken (`BROKEN_FLAG` appeared).
     Broken,
     /// Nothing changed for a while; lets the watcher notice a reader that went away.
@@ -169,6 +176,10 @@ pub fn main(args: &[String]) -> anyhow::Result<i32> {
             supervise(arg(1, "container ID")?, fd)
         }
         "watch" => watch(),
+        "version" => {
+            println!("{PROTOCOL}");
+            Ok(0)
+        }
         "collect" => {
             let cap: u64 = arg(2, "log byte limit")?
                 .parse()
@@ -187,7 +198,7 @@ pub fn main(args: &[String]) -> anyhow::Result<i32> {
         "logs" => logs(arg(1, "container ID")?, arg(2, "stdout or stderr")?),
         "forget" => forget(arg(1, "container ID")?),
         other => bail!(
-            "runner: unknown subcommand {other:?} (start, list, watch, collect, kill, logs, forget)"
+            "runner: unknown subcommand {other:?} (start, list, watch, collect, kill, logs, forget, version)"
         ),
     }
 }
@@ -371,7 +382,10 @@ fn notify_watchers(id: &str) {
     }
     for entry in entries.flatten() {
         let path = entry.path();
-        if path.extension().is_none_or(|e| e != "sock") {
+        // Only sockets, never through a symlink: the directory is ours, its contents untrusted.
+        let is_socket = std::fs::symlink_metadata(&path)
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+        if path.extension().is_none_or(|e| e != "sock") || !is_socket {
             continue;
         }
         if let Err(e) = socket.send_to(id.as_bytes(), &path) {
@@ -400,7 +414,10 @@ impl Drop for SocketFile {
 /// Streams a snapshot, then every change, one JSON line each, until the reader goes away.
 fn watch() -> anyhow::Result<i32> {
     let dir = watch_dir();
-    std::fs::create_dir_all(&dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)?;
     let path = dir.join(format!("{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&path);
     let socket = UnixDatagram::bind(&path)
@@ -439,15 +456,16 @@ fn watch() -> anyhow::Result<i32> {
             last_write = Instant::now();
         }
         let mut changed: Vec<RunEntry> = Vec::new();
+        let mut gone: Vec<String> = Vec::new();
         match socket.recv(&mut buf) {
             Ok(n) => {
                 if let Some(id) = std::str::from_utf8(&buf[..n])
                     .ok()
                     .filter(|id| valid_id(id).is_ok())
                 {
-                    let run = runs_dir().join(id);
-                    if run.exists() {
-                        changed.push(entry(&run, id));
+                    match entry(&runs_dir().join(id), id) {
+                        Some(e) => changed.push(e),
+                        None => gone.push(id.to_string()),
                     }
                 }
             }
@@ -461,8 +479,20 @@ fn watch() -> anyhow::Result<i32> {
         if last_scan.elapsed() >= WATCH_RESCAN {
             last_scan = Instant::now();
             if let Ok(now) = list() {
-                known.retain(|id, _| now.containers.iter().any(|e| &e.id == id));
+                let listed: std::collections::HashSet<&str> =
+                    now.containers.iter().map(|e| e.id.as_str()).collect();
+                gone.extend(
+                    known
+                        .keys()
+                        .filter(|id| !listed.contains(id.as_str()))
+                        .cloned(),
+                );
                 changed.extend(now.containers);
+            }
+        }
+        for id in gone {
+            if known.remove(&id).is_some() && emit(&WatchLine::Gone(id)).is_err() {
+                return Ok(0);
             }
         }
         for e in changed {
@@ -542,33 +572,38 @@ fn read_exit(dir: &Path) -> Option<ExitRecord> {
         .and_then(|b| serde_json::from_slice(&b).ok())
 }
 
-fn entry(dir: &Path, id: &str) -> RunEntry {
+/// The run in `dir`, or `None` when the directory is gone (forgotten meanwhile).
+fn entry(dir: &Path, id: &str) -> Option<RunEntry> {
+    let exited = |exit| RunEntry {
+        id: id.to_string(),
+        state: RunState::Exited,
+        exit: Some(exit),
+    };
     if let Some(exit) = read_exit(dir) {
-        return RunEntry {
-            id: id.to_string(),
-            state: RunState::Exited,
-            exit: Some(exit),
-        };
+        return Some(exited(exit));
     }
     let held = match File::open(dir.join("lock")) {
         Ok(f) => f.try_lock().is_err(),
         // No lock file: `start` is between creating the directory and locking it, unless the
         // directory is older than that takes — then it died there and nothing runs it.
-        Err(_) => std::fs::metadata(dir)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_none_or(|age| age < UNLOCKED_STALE_AFTER),
+        Err(_) => {
+            let age = std::fs::metadata(dir)
+                .and_then(|m| m.modified())
+                .ok()?
+                .elapsed()
+                .unwrap_or_default();
+            age < UNLOCKED_STALE_AFTER
+        }
     };
     // The supervisor may have written exit.json between the two checks.
     if let Some(exit) = read_exit(dir) {
-        return RunEntry {
-            id: id.to_string(),
-            state: RunState::Exited,
-            exit: Some(exit),
-        };
+        return Some(exited(exit));
     }
-    RunEntry {
+    // A forget may have removed it meanwhile: no phantom run for a directory that is gone.
+    if !dir.exists() {
+        return None;
+    }
+    Some(RunEntry {
         id: id.to_string(),
         state: if held {
             RunState::Running
@@ -576,7 +611,7 @@ fn entry(dir: &Path, id: &str) -> RunEntry {
             RunState::Stale
         },
         exit: None,
-    }
+    })
 }
 
 fn list() -> anyhow::Result<RunList> {
@@ -593,10 +628,16 @@ fn list() -> anyhow::Result<RunList> {
         Err(e) => return Err(e).with_context(|| format!("runner list: {}", runs.display())),
     };
     for d in dirs.flatten() {
-        let Some(id) = d.file_name().to_str().map(String::from) else {
+        // Names that are not IDs (a run being forgotten is renamed to `.gone-ID`) are not runs.
+        let Some(id) = d
+            .file_name()
+            .to_str()
+            .filter(|name| valid_id(name).is_ok())
+            .map(String::from)
+        else {
             continue;
         };
-        out.containers.push(entry(&d.path(), &id));
+        out.containers.extend(entry(&d.path(), &id));
     }
     out.containers.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(out)
@@ -606,8 +647,8 @@ fn list() -> anyhow::Result<RunList> {
 fn kill(id: &str, signal: i32) -> anyhow::Result<i32> {
     valid_id(id)?;
     let dir = runs_dir().join(id);
-    let gone = || entry(&dir, id).state != RunState::Running;
-    if !dir.exists() || gone() {
+    let gone = || entry(&dir, id).is_none_or(|e| e.state != RunState::Running);
+    if gone() {
         return Ok(0);
     }
     if let Some(pgid) = std::fs::read_to_string(dir.join("child.pid"))
@@ -648,13 +689,16 @@ fn logs(id: &str, stream: &str) -> anyhow::Result<i32> {
 fn forget(id: &str) -> anyhow::Result<i32> {
     valid_id(id)?;
     let dir = runs_dir().join(id);
-    if !dir.exists() {
-        return Ok(0);
+    match entry(&dir, id) {
+        None => return Ok(0),
+        Some(e) if e.state == RunState::Running => bail!("runner forget: {id} is still running"),
+        Some(_) => {}
     }
-    if entry(&dir, id).state == RunState::Running {
-        bail!("runner forget: {id} is still running");
-    }
-    std::fs::remove_dir_all(dir)?;
+    // Renamed first, in one step: a `list` or `watch` never sees it half-removed.
+    let gone = runs_dir().join(format!(".gone-{id}"));
+    std::fs::rename(&dir, &gone)?;
+    std::fs::remove_dir_all(gone)?;
+    notify_watchers(id);
     Ok(0)
 }
 

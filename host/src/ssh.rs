@@ -378,7 +378,20 @@ async fn run_on(
     }
     channel.eof().await.map_err(|e| format!("stdin eof: {e}"))?;
     let mut out = CommandOutput::default();
-    while let Some(msg) = channel.wait().await {
+    loop {
+        let msg = match &stdout {
+            Stdout::Collect => channel.wait().await,
+            // A reader that stopped (an event stream given up) ends the command at once, not
+            // at the next output it would have refused.
+            Stdout::Stream(tx) => tokio::select! {
+                msg = channel.wait() => msg,
+                () = tx.closed() => {
+                    let _ = channel.close().await;
+                    return Err("the reader of the output went away".into());
+                }
+            },
+        };
+        let Some(msg) = msg else { break };
         match msg {
             ChannelMsg::Data { data } => match &stdout {
                 Stdout::Collect => out.stdout.extend_from_slice(&data),

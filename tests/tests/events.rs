@@ -187,11 +187,14 @@ fn a_huge_log_is_truncated_and_streamed_without_growing_serve() {
         std::fs::read_to_string(dir.join("stderr")).expect("stderr"),
         "bye\n"
     );
+    // Served as a stream too.
+    let fetched = h.client().logs(&c.id, "stdout").expect("logs");
+    assert_eq!(fetched.len() as u64, stdout);
     let pid = h.pid().expect("serve runs");
     let peak = peak_rss_kib(pid).expect("VmHWM");
     assert!(
         peak < 100 * 1024,
-        "serve peaked at {peak} KiB while moving a 120 MiB log"
+        "serve peaked at {peak} KiB while collecting and serving a 120 MiB log"
     );
 }
 
@@ -240,4 +243,41 @@ fn submit_count_makes_one_batch_and_each_copy_sees_its_index() {
     ]);
     let all: serde_json::Value = serde_json::from_slice(&all.stdout).expect("json");
     assert_eq!(all.as_array().map(Vec::len), Some(100));
+}
+
+#[test]
+fn a_runner_speaking_another_protocol_is_not_used_and_says_why() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let old = dir.path().join("old-runner");
+    std::fs::write(
+        &old,
+        format!(
+            "#!/bin/sh\nif [ \"$2\" = version ]; then echo 1; exit 0; fi\nexec '{}' \"$@\"\n",
+            built("dispatch-cloud").display()
+        ),
+    )
+    .expect("script");
+    std::fs::set_permissions(&old, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let h = ServeHarness::start_opts(HarnessOptions {
+        cluster_extra: TYPES.into(),
+        runner_path: Some(old),
+        ..HarnessOptions::default()
+    });
+    let c = h.client().submit(&shell("true")).expect("submit");
+    h.wait_for("the VM's reason", Duration::from_secs(20), || {
+        h.client().instances().is_ok_and(|l| {
+            l.iter().any(|i| {
+                i.reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("speaks protocol Some(1); this host needs 2"))
+            })
+        })
+    });
+    let now = get(&h, &c.id).expect("container");
+    assert!(
+        matches!(now.state, ContainerState::Queued | ContainerState::Locked),
+        "{now:?}"
+    );
+    assert!(h.log().contains("speaks protocol"), "not logged");
 }

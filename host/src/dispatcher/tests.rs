@@ -309,6 +309,7 @@ impl FakeExec {
                     }
                     output(0, "")
                 }
+                ["version"] => output(0, crate::runner::PROTOCOL.to_string()),
                 ["collect", id, _] => match vm.runs.get(*id) {
                     Some(Some(exit_code)) => output(0, collect_stream(id, *exit_code)),
                     _ => output(3, ""),

@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 
 use super::collect::{CollectError, CollectWriter};
 use super::seams::Exec;
-use crate::runner::{CollectHeader, ContainerSpec, RunList, WatchLine, DEPLOY_DIR};
+use crate::runner::{CollectHeader, ContainerSpec, RunList, WatchLine, DEPLOY_DIR, PROTOCOL};
 use crate::ssh::{CommandOutput, SshError};
 
 /// Why a runner command on a VM did not give an answer.
@@ -27,6 +27,8 @@ pub enum RemoteError {
     NoExitStatus(String),
     #[error(transparent)]
     Collect(#[from] CollectError),
+    #[error("the runner at {path} speaks protocol {speaks:?}; this host needs {PROTOCOL} (install the dispatch-cloud-runner built with this host)")]
+    Protocol { path: String, speaks: Option<u32> },
 }
 
 /// How long an event stream may stay silent (three of the runner's heartbeats).
@@ -53,6 +55,7 @@ impl RemoteError {
         matches!(
             self,
             RemoteError::Ssh(SshError::HostKeyRefused { .. } | SshError::AuthRefused { .. })
+                | RemoteError::Protocol { .. }
         )
     }
 }
@@ -88,24 +91,29 @@ impl RunnerBinary {
         }
     }
 
-    /// The `dispatch-cloud-runner` beside this executable (built with it), or, when there
-    /// is none, this executable itself (it has the `runner` subcommand too, at 20 times the
-    /// size).
+    /// The `dispatch-cloud-runner` beside this executable (built with it), or, when there is
+    /// none or it speaks another protocol (a stale build), this executable itself (it has the
+    /// `runner` subcommand too, at ten times the size).
     pub fn current() -> std::io::Result<Self> {
         let exe = std::env::current_exe()?;
         let small = exe.with_file_name(RUNNER_EXECUTABLE);
-        match std::fs::read(&small) {
-            Ok(bytes) => Ok(Self::from_bytes(bytes)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                log::info!(
-                    "No {} beside {}: deploying the host executable as the runner.",
-                    RUNNER_EXECUTABLE,
-                    exe.display()
-                );
-                Ok(Self::from_bytes(std::fs::read(&exe)?))
-            }
-            Err(e) => Err(e),
+        let speaks = std::process::Command::new(&small)
+            .args(["runner", "version"])
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|v| v.trim().parse::<u32>().ok());
+        if speaks == Some(PROTOCOL) {
+            return Ok(Self::from_bytes(std::fs::read(&small)?));
         }
+        log::info!(
+            "{} beside {} is missing or speaks runner protocol {speaks:?}, not {PROTOCOL}: deploying the host executable as the runner.",
+            RUNNER_EXECUTABLE,
+            exe.display()
+        );
+        Ok(Self::from_bytes(std::fs::read(&exe)?))
     }
 
     /// Where it lives on a VM; `${DISPATCH_CLOUD_VM_ROOT}` is empty on a real VM.
@@ -152,9 +160,21 @@ impl Remote<'_> {
         line
     }
 
-    /// Copies the binary unless the VM already has this exact content.
+    /// Copies the binary unless the VM already has this exact content. A runner installed on
+    /// the image is checked instead: it must speak this host's protocol.
     pub async fn deploy(&self, exec: &dyn Exec) -> Result<(), RemoteError> {
         if self.binary.installed.is_some() {
+            let out = exec.run(&self.runner(&["version"]), b"").await?;
+            let speaks = String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse::<u32>()
+                .ok();
+            if !out.success() || speaks != Some(PROTOCOL) {
+                return Err(RemoteError::Protocol {
+                    path: self.binary.remote_path(),
+                    speaks,
+                });
+            }
             return Ok(());
         }
         let path = self.binary.remote_path();

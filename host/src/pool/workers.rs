@@ -29,6 +29,9 @@ fn has_own_holdoff(e: &DriverError) -> bool {
     )
 }
 
+/// The most runs one worker's event stream may report between probes.
+const MAX_RUNS_PER_WORKER: usize = 10_000;
+
 /// The longest wait between probes of a VM that has not booted yet.
 const BOOTING_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// The first wait before probing a VM whose event stream ended (doubling per failure, up to
@@ -674,6 +677,14 @@ impl Pool {
         let Some(w) = self.workers.get_mut(id) else {
             return;
         };
+        // A VM is untrusted: it cannot grow the host's memory without bound with made-up runs.
+        if !w.runners.contains_key(&entry.id) && w.runners.len() >= MAX_RUNS_PER_WORKER {
+            log::debug!(
+                "instance={id} reports more than {MAX_RUNS_PER_WORKER} runs; {} ignored",
+                entry.id
+            );
+            return;
+        }
         w.fresh
             .insert(entry.id.clone(), (Some(entry.state.clone()), now));
         w.starting.remove(&entry.id);
