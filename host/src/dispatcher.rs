@@ -164,6 +164,11 @@ pub struct Dispatcher {
     /// The earliest moment a plan made now could come out differently by time alone (a
     /// hold-off, back-off or retry ending, or the pool counting as recovered).
     plan_expires_at: Option<Instant>,
+    /// The active containers in queue order, kept up to date from the queue's changes (a
+    /// pass reads what changed since the last, not the whole queue).
+    active: Vec<Container>,
+    /// The queue revision `active` reflects; `None` before the first read.
+    active_rev: Option<i64>,
 }
 
 impl Dispatcher {
@@ -239,6 +244,8 @@ impl Dispatcher {
             stale_locks: Some(stale),
             replan: true,
             plan_expires_at: None,
+            active: Vec::new(),
+            active_rev: None,
         })
     }
 
@@ -667,25 +674,54 @@ impl Dispatcher {
         }
     }
 
+    /// Brings `active` up to date with what was written to the queue since the last read.
+    fn refresh_active(&mut self) -> Result<(), QueueError> {
+        let changes = self.queue.changes_since(self.active_rev)?;
+        if self.active_rev.is_none() {
+            self.active = changes.containers;
+        } else {
+            for c in changes.containers {
+                let at = self.active.binary_search_by_key(&c.seq, |a| a.seq);
+                let keep = matches!(
+                    c.state,
+                    ContainerState::Queued | ContainerState::Locked | ContainerState::Running
+                );
+                match (at, keep) {
+                    (Ok(i), true) => self.active[i] = c,
+                    (Ok(i), false) => {
+                        self.active.remove(i);
+                    }
+                    (Err(i), true) => self.active.insert(i, c),
+                    (Err(_), false) => {}
+                }
+            }
+        }
+        self.active_rev = Some(changes.rev);
+        Ok(())
+    }
+
     /// The queue's containers of interest: the active ones, plus any a runner still reports.
     fn containers_of_interest(
-        &self,
+        &mut self,
         runners: &rustc_hash::FxHashMap<String, crate::scheduler::RunnerSeen>,
     ) -> Result<(Vec<Container>, HashSet<String>), QueueError> {
-        let mut containers = self.queue.list(true)?;
-        let known: HashSet<String> = containers.iter().map(|c| c.id.clone()).collect();
+        self.refresh_active()?;
+        let mut extra = Vec::new();
         let mut foreign = HashSet::new();
+        let known: HashSet<&str> = self.active.iter().map(|c| c.id.as_str()).collect();
         for (cid, seen) in runners {
-            if known.contains(cid) {
+            if known.contains(cid.as_str()) {
                 continue;
             }
             match self.queue.get(cid) {
-                Ok(c) => containers.push(c),
+                Ok(c) => extra.push(c),
                 Err(_) => {
                     foreign.insert(seen.worker().to_string());
                 }
             }
         }
+        let mut containers = self.active.clone();
+        containers.extend(extra);
         Ok((containers, foreign))
     }
 

@@ -331,7 +331,6 @@ fn supervise(id: &str, lock_fd: i32) -> anyhow::Result<i32> {
     if unsafe { libc::fcntl(lock.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
         return Err(std::io::Error::last_os_error()).context("runner supervise: lock descriptor");
     }
-    std::fs::write(dir.join("pid"), std::process::id().to_string())?;
     let spec: ContainerSpec = serde_json::from_slice(&std::fs::read(dir.join("spec.json"))?)?;
     let started_at_ms = now_ms();
     let record = match build_command(&spec).and_then(|mut cmd| {

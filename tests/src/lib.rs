@@ -376,7 +376,7 @@ impl ServeHarness {
             (None, false) => {
                 format!(
                     "runner_path = {:?}\n",
-                    built("dispatch-cloud").display().to_string()
+                    built("dispatch-cloud-runner").display().to_string()
                 )
             }
         };

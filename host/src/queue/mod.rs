@@ -148,6 +148,13 @@ pub enum QueueError {
     Invalid(String),
 }
 
+/// What `Queue::changes_since` returns.
+#[derive(Clone, Debug, Default)]
+pub struct Changes {
+    pub rev: i64,
+    pub containers: Vec<Container>,
+}
+
 /// What a finished run produced, as `complete` records it.
 #[derive(Clone, Debug, Default)]
 pub struct RunResult<'a> {
@@ -170,8 +177,13 @@ pub trait Queue: Send + Sync {
     /// the next page starts before the last one's `seq`.
     fn page(&self, limit: usize, before_seq: Option<i64>) -> Result<Vec<Container>, QueueError>;
     fn get(&self, id: &str) -> Result<Container, QueueError>;
-    /// Every container, newest first; `active_only` limits it to Queued, Locked and Running.
+    /// Every container, newest first; `active_only` limits it to Queued, Locked and Running
+    /// (then in queue order).
     fn list(&self, active_only: bool) -> Result<Vec<Container>, QueueError>;
+    /// With `None`, the active containers in queue order; with the revision of an earlier
+    /// answer, every container written since (in any state), in queue order. Either way, the
+    /// revision to ask from next time.
+    fn changes_since(&self, rev: Option<i64>) -> Result<Changes, QueueError>;
     /// Queued → Locked for `instance_type`; false if it was no longer Queued.
     fn lock(&self, id: &str, instance_type: &str) -> Result<bool, QueueError>;
     /// Locked → Queued. Not an attempt: the container never reached a VM.

@@ -1,13 +1,15 @@
 //! The embedded queue: one SQLite file (WAL), written by this host alone.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{
-    Container, ContainerState, NewContainer, Queue, QueueError, RunResult, RuntimeConstraints,
+    Changes, Container, ContainerState, NewContainer, Queue, QueueError, RunResult,
+    RuntimeConstraints,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
@@ -43,7 +45,18 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE containers ADD COLUMN dispatch_attempts INTEGER NOT NULL DEFAULT 0;",
     // When the host recorded the final state; `finished_at_ms` is the VM's own end time.
     "ALTER TABLE containers ADD COLUMN recorded_at_ms INTEGER;",
+    // Every write stamps the row with the next revision, so the dispatcher reads only what
+    // changed since its last pass instead of the whole active queue.
+    "ALTER TABLE containers ADD COLUMN rev INTEGER NOT NULL DEFAULT 0;
+     CREATE INDEX containers_rev ON containers(rev);",
 ];
+
+/// The columns `from_row` reads, in its order (positional: looking columns up by name costs
+/// more than decoding them).
+const COLUMNS: &str = "id, state, priority, command, env, working_dir, image, vcpus, ram_bytes, \
+    scratch_bytes, gpus, preemptible, lock_count, dispatch_attempts, instance_type, instance_id, \
+    seq, created_at_ms, started_at_ms, finished_at_ms, recorded_at_ms, exit_code, runtime_error, \
+    log_dir";
 
 pub struct SqliteQueue {
     path: PathBuf,
@@ -51,6 +64,9 @@ pub struct SqliteQueue {
     /// One connection: SQLite serializes writers anyway, and every statement here is short.
     /// A std mutex, never held across an await.
     conn: Mutex<Connection>,
+    /// The last revision stamped; advanced only while `conn` is held, so revisions are in
+    /// commit order.
+    rev: AtomicI64,
 }
 
 fn now_ms() -> i64 {
@@ -72,39 +88,39 @@ fn new_id(cluster_id: &str) -> String {
 }
 
 fn from_row(row: &Row<'_>) -> rusqlite::Result<Container> {
-    let state: String = row.get("state")?;
-    let command: String = row.get("command")?;
-    let env: String = row.get("env")?;
+    let state: String = row.get(1)?;
+    let command: String = row.get(3)?;
+    let env: String = row.get(4)?;
     let json_err = |e: serde_json::Error| {
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
     };
     Ok(Container {
-        id: row.get("id")?,
+        id: row.get(0)?,
         state: ContainerState::parse(&state).unwrap_or(ContainerState::Cancelled),
-        priority: row.get("priority")?,
+        priority: row.get(2)?,
         command: serde_json::from_str(&command).map_err(json_err)?,
         env: serde_json::from_str(&env).map_err(json_err)?,
-        working_dir: row.get("working_dir")?,
-        image: row.get("image")?,
+        working_dir: row.get(5)?,
+        image: row.get(6)?,
         runtime_constraints: RuntimeConstraints {
-            vcpus: row.get("vcpus")?,
-            ram_bytes: row.get::<_, i64>("ram_bytes")?.max(0).unsigned_abs(),
-            scratch_bytes: row.get::<_, i64>("scratch_bytes")?.max(0).unsigned_abs(),
-            gpus: row.get("gpus")?,
-            preemptible: row.get("preemptible")?,
+            vcpus: row.get(7)?,
+            ram_bytes: row.get::<_, i64>(8)?.max(0).unsigned_abs(),
+            scratch_bytes: row.get::<_, i64>(9)?.max(0).unsigned_abs(),
+            gpus: row.get(10)?,
+            preemptible: row.get(11)?,
         },
-        lock_count: row.get("lock_count")?,
-        dispatch_attempts: row.get("dispatch_attempts")?,
-        instance_type: row.get("instance_type")?,
-        instance_id: row.get("instance_id")?,
-        seq: row.get("seq")?,
-        created_at_ms: row.get("created_at_ms")?,
-        started_at_ms: row.get("started_at_ms")?,
-        finished_at_ms: row.get("finished_at_ms")?,
-        recorded_at_ms: row.get("recorded_at_ms")?,
-        exit_code: row.get("exit_code")?,
-        runtime_error: row.get("runtime_error")?,
-        log_dir: row.get("log_dir")?,
+        lock_count: row.get(12)?,
+        dispatch_attempts: row.get(13)?,
+        instance_type: row.get(14)?,
+        instance_id: row.get(15)?,
+        seq: row.get(16)?,
+        created_at_ms: row.get(17)?,
+        started_at_ms: row.get(18)?,
+        finished_at_ms: row.get(19)?,
+        recorded_at_ms: row.get(20)?,
+        exit_code: row.get(21)?,
+        runtime_error: row.get(22)?,
+        log_dir: row.get(23)?,
         scheduling_status: None,
     })
 }
@@ -143,10 +159,14 @@ impl SqliteQueue {
                 .map_err(db_err)?;
             tx.commit().map_err(db_err)?;
         }
+        let rev: i64 = conn
+            .query_row("SELECT COALESCE(MAX(rev), 0) FROM containers", [], |r| r.get(0))
+            .map_err(db_err)?;
         Ok(SqliteQueue {
             path: path.to_path_buf(),
             cluster_id: cluster_id.to_string(),
             conn: Mutex::new(conn),
+            rev: AtomicI64::new(rev),
         })
     }
 
@@ -160,6 +180,14 @@ impl SqliteQueue {
     fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, QueueError> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         f(&conn).map_err(|e| self.db_err(e))
+    }
+
+    /// Like `with`, for a write: `f` gets the revision to stamp on the rows it changes.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&Connection, i64) -> rusqlite::Result<T>,
+    ) -> Result<T, QueueError> {
+        self.with(|c| f(c, self.rev.fetch_add(1, Ordering::SeqCst) + 1))
     }
 
     /// Moves `id` from one of `from` to `to` with `set` (extra assignments); reports why not.
@@ -177,13 +205,17 @@ impl SqliteQueue {
             .collect::<Vec<_>>()
             .join(",");
         let sql = format!(
-            "UPDATE containers SET state = '{}'{}{set} WHERE id = ?1 AND state IN ({from_list})",
+            "UPDATE containers SET state = '{}', rev = ?{}{}{set} WHERE id = ?1 AND state IN ({from_list})",
             to.as_str(),
+            args.len() + 2,
             if set.is_empty() { "" } else { ", " }
         );
-        let mut all: Vec<&dyn rusqlite::ToSql> = vec![&id];
-        all.extend_from_slice(args);
-        let changed = self.with(|c| c.execute(&sql, all.as_slice()))?;
+        let changed = self.write(|c, rev| {
+            let mut all: Vec<&dyn rusqlite::ToSql> = vec![&id];
+            all.extend_from_slice(args);
+            all.push(&rev);
+            c.execute(&sql, all.as_slice())
+        })?;
         if changed == 1 {
             return Ok(());
         }
@@ -233,13 +265,13 @@ impl Queue for SqliteQueue {
             rows.push((new_id(&self.cluster_id), command, env));
         }
         let now = now_ms();
-        self.with(|c| {
+        self.write(|c, rev| {
             let tx = c.unchecked_transaction()?;
             {
                 let mut insert = tx.prepare_cached(
                     "INSERT INTO containers (id, state, priority, command, env, working_dir, image,
-                        vcpus, ram_bytes, scratch_bytes, gpus, preemptible, created_at_ms)
-                     VALUES (?1, 'Queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                        vcpus, ram_bytes, scratch_bytes, gpus, preemptible, created_at_ms, rev)
+                     VALUES (?1, 'Queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                 )?;
                 for (new, (id, command, env)) in batch.iter().zip(&rows) {
                     let rc = &new.runtime_constraints;
@@ -255,7 +287,8 @@ impl Queue for SqliteQueue {
                         i64::try_from(rc.scratch_bytes).unwrap_or(i64::MAX),
                         rc.gpus,
                         rc.preemptible,
-                        now
+                        now,
+                        rev
                     ])?;
                 }
             }
@@ -267,7 +300,9 @@ impl Queue for SqliteQueue {
     fn page(&self, limit: usize, before_seq: Option<i64>) -> Result<Vec<Container>, QueueError> {
         self.with(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT * FROM containers WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2",
+                &format!(
+                    "SELECT {COLUMNS} FROM containers WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2"
+                ),
             )?;
             let rows = stmt.query_map(
                 params![
@@ -282,31 +317,66 @@ impl Queue for SqliteQueue {
 
     fn get(&self, id: &str) -> Result<Container, QueueError> {
         self.with(|c| {
-            c.query_row("SELECT * FROM containers WHERE id = ?1", [id], from_row)
-                .optional()
+            c.query_row(
+                &format!("SELECT {COLUMNS} FROM containers WHERE id = ?1"),
+                [id],
+                from_row,
+            )
+            .optional()
         })?
         .ok_or_else(|| QueueError::NotFound(id.to_string()))
     }
 
     fn list(&self, active_only: bool) -> Result<Vec<Container>, QueueError> {
         let sql = if active_only {
-            "SELECT * FROM containers WHERE state IN ('Queued','Locked','Running') ORDER BY seq"
+            format!(
+                "SELECT {COLUMNS} FROM containers WHERE state IN ('Queued','Locked','Running') ORDER BY seq"
+            )
         } else {
-            "SELECT * FROM containers ORDER BY seq DESC"
+            format!("SELECT {COLUMNS} FROM containers ORDER BY seq DESC")
         };
         self.with(|c| {
-            let mut stmt = c.prepare_cached(sql)?;
+            let mut stmt = c.prepare_cached(&sql)?;
             let rows = stmt.query_map([], from_row)?;
             rows.collect()
         })
     }
 
+    fn changes_since(&self, rev: Option<i64>) -> Result<Changes, QueueError> {
+        self.with(|c| {
+            // Under the connection's lock: no write can fall between the rows and the revision.
+            let now = self.rev.load(Ordering::SeqCst);
+            let containers = match rev {
+                None => {
+                    let mut stmt = c.prepare_cached(&format!(
+                        "SELECT {COLUMNS} FROM containers
+                         WHERE state IN ('Queued','Locked','Running') ORDER BY seq"
+                    ))?;
+                    let rows = stmt.query_map([], from_row)?;
+                    rows.collect::<rusqlite::Result<Vec<_>>>()?
+                }
+                Some(rev) => {
+                    let mut stmt = c.prepare_cached(&format!(
+                        "SELECT {COLUMNS} FROM containers WHERE rev > ?1 ORDER BY seq"
+                    ))?;
+                    let rows = stmt.query_map([rev], from_row)?;
+                    rows.collect::<rusqlite::Result<Vec<_>>>()?
+                }
+            };
+            Ok(Changes {
+                rev: now,
+                containers,
+            })
+        })
+    }
+
     fn lock(&self, id: &str, instance_type: &str) -> Result<bool, QueueError> {
-        let changed = self.with(|c| {
+        let changed = self.write(|c, rev| {
             c.execute(
-                "UPDATE containers SET state = 'Locked', lock_count = lock_count + 1, instance_type = ?2
+                "UPDATE containers SET state = 'Locked', lock_count = lock_count + 1,
+                    instance_type = ?2, rev = ?3
                  WHERE id = ?1 AND state = 'Queued'",
-                params![id, instance_type],
+                params![id, instance_type, rev],
             )
         })?;
         Ok(changed == 1)
@@ -415,10 +485,10 @@ impl Queue for SqliteQueue {
         if priority < 0 {
             return Err(QueueError::Invalid("priority: must be 0 or more".into()));
         }
-        let changed = self.with(|c| {
+        let changed = self.write(|c, rev| {
             c.execute(
-                "UPDATE containers SET priority = ?2 WHERE id = ?1",
-                params![id, priority],
+                "UPDATE containers SET priority = ?2, rev = ?3 WHERE id = ?1",
+                params![id, priority, rev],
             )
         })?;
         if changed == 0 {
@@ -586,5 +656,29 @@ mod tests {
         let mut newest_first: Vec<String> = made.into_iter().map(|c| c.id).collect();
         newest_first.reverse();
         assert_eq!(seen, newest_first);
+    }
+
+    #[test]
+    fn changes_since_returns_exactly_what_was_written_after() {
+        let (_d, q) = queue();
+        let a = submit(&q);
+        let first = q.changes_since(None).expect("all");
+        assert_eq!(first.containers.len(), 1);
+        assert!(q.changes_since(Some(first.rev)).expect("none").containers.is_empty());
+        let b = submit(&q);
+        q.lock(&a.id, "small").expect("lock");
+        q.cancel(&a.id, "gone").expect("cancel");
+        let next = q.changes_since(Some(first.rev)).expect("changes");
+        let states: Vec<(String, ContainerState)> = next
+            .containers
+            .iter()
+            .map(|c| (c.id.clone(), c.state))
+            .collect();
+        // In queue order, final ones included (so a reader drops them), each once.
+        assert_eq!(
+            states,
+            vec![(a.id, ContainerState::Cancelled), (b.id, ContainerState::Queued)]
+        );
+        assert!(next.rev > first.rev);
     }
 }
