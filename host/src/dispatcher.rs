@@ -80,6 +80,10 @@ enum Event {
     Broken {
         worker: String,
     },
+    /// The worker's event stream is alive (a heartbeat).
+    Alive {
+        worker: String,
+    },
     /// The worker's event stream ended.
     WatchEnded {
         worker: String,
@@ -314,13 +318,26 @@ impl Dispatcher {
     fn apply(&mut self, event: Event) {
         let now = Instant::now();
         let generation = self.pool.generation();
+        let headroom = self.cloud.quota_headroom(self.pool.instance_count());
         match &event {
-            // These change the plan's inputs only if the pool says so.
-            Event::Probed { .. } | Event::WatchSnapshot { .. } | Event::WatchEnded { .. } => {}
+            // These change the plan's inputs only if the pool (or the quota) says so.
+            Event::Probed { .. }
+            | Event::WatchSnapshot { .. }
+            | Event::WatchEnded { .. }
+            | Event::Alive { .. }
+            | Event::Listed { .. } => {}
             _ => self.replan = true,
         }
+        if let Event::RunSeen { worker, .. }
+        | Event::RunGone { worker, .. }
+        | Event::Broken { worker } = &event
+        {
+            self.pool.heard_from(worker, now);
+        }
         self.apply_event(event, now);
-        if self.pool.generation() != generation {
+        if self.pool.generation() != generation
+            || self.cloud.quota_headroom(self.pool.instance_count()) != headroom
+        {
             self.replan = true;
         }
     }
@@ -379,6 +396,7 @@ impl Dispatcher {
                 );
                 self.pool.apply_run_event(&worker, entry, now);
             }
+            Event::Alive { worker } => self.pool.heard_from(&worker, now),
             Event::RunGone { worker, container } => {
                 self.pool.runner_forgotten(&worker, &container, now)
             }
@@ -636,7 +654,9 @@ impl Dispatcher {
                         WatchLine::Broken => Event::Broken {
                             worker: worker.clone(),
                         },
-                        WatchLine::Heartbeat => continue,
+                        WatchLine::Heartbeat => Event::Alive {
+                            worker: worker.clone(),
+                        },
                     };
                     if events.send(event).await.is_err() {
                         // The dispatcher stopped.

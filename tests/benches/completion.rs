@@ -82,6 +82,7 @@ fn main() {
         idle_seconds: 600.0,
         // As in production: probes every 10 s, rarer still for VMs that stream their events.
         probe_interval_seconds: 10.0,
+        sync_interval_seconds: 60.0,
         // Exactly the warm VMs: a queue of 1,000 would otherwise have more created.
         limits_extra: format!("max_instances = {VMS}"),
         ..HarnessOptions::default()

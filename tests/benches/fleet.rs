@@ -63,6 +63,7 @@ fn production_like(max_instances: usize) -> HarnessOptions {
         cluster_extra: TYPES.into(),
         idle_seconds: 600.0,
         probe_interval_seconds: 10.0,
+        sync_interval_seconds: 60.0,
         limits_extra: format!("max_instances = {max_instances}"),
         ..HarnessOptions::default()
     }

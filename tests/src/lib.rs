@@ -313,6 +313,7 @@ pub struct HarnessOptions {
     /// A whole `plugins.toml` with an instance set named `test`, instead of loopback's.
     pub catalogue: Option<String>,
     pub probe_interval_seconds: f64,
+    pub sync_interval_seconds: f64,
     /// Lines added to the `[limits]` table.
     pub limits_extra: String,
 }
@@ -328,6 +329,7 @@ impl Default for HarnessOptions {
             runner_path: None,
             catalogue: None,
             probe_interval_seconds: 0.1,
+            sync_interval_seconds: 0.5,
             limits_extra: String::new(),
         }
     }
@@ -392,6 +394,10 @@ impl ServeHarness {
             .replace(
                 "probe_interval_seconds = 0.1",
                 &format!("probe_interval_seconds = {}", opts.probe_interval_seconds),
+            )
+            .replace(
+                "sync_interval_seconds = 0.5",
+                &format!("sync_interval_seconds = {}", opts.sync_interval_seconds),
             )
             .replace("[limits]\n", &format!("[limits]\n{}\n", opts.limits_extra));
         let config_file = dir.path().join("cluster.toml");

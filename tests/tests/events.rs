@@ -281,3 +281,20 @@ fn a_runner_speaking_another_protocol_is_not_used_and_says_why() {
     );
     assert!(h.log().contains("speaks protocol"), "not logged");
 }
+
+#[test]
+fn a_vm_whose_stream_is_alive_outlives_the_probe_timeout_between_rare_probes() {
+    // Probes every 60 s, probe timeout 20 s: only the stream's heartbeats keep the VM in use.
+    let h = ServeHarness::start_opts(rare_probes());
+    let c = h
+        .client()
+        .submit(&shell("sleep 28; exit 3"))
+        .expect("submit");
+    let done = final_container(&h, &c.id, Duration::from_secs(60));
+    assert_eq!(done.exit_code, Some(3), "{done:?}");
+    assert_eq!(done.dispatch_attempts, 0, "{done:?}");
+    assert!(
+        !h.log().contains("probe timeout"),
+        "a VM with a live event stream was shut down"
+    );
+}

@@ -11,7 +11,7 @@
 //! | booting         | drain          | —                                                   | shutdown |
 //! | idle            | run            | nothing ran for `idle`                              | shutdown |
 //! | idle            | drain          | —                                                   | shutdown |
-//! | idle/running    | not hold       | no successful probe for `probe`                     | shutdown |
+//! | idle/running    | not hold       | no successful probe or event-stream line for `probe` | shutdown |
 //! | idle            | —              | a container starts, or a probe lists runners        | running |
 //! | running         | —              | a probe lists no runners                            | idle (idle clock starts) |
 //! | running         | drain          | every runner ignored SIGTERM for `term`             | shutdown |

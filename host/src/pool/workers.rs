@@ -207,8 +207,9 @@ pub struct Pool {
     /// Listings applied since start (saturating at 2: all that matters is "settled").
     listings: u8,
     next_probe_slot: Instant,
-    /// Bumped whenever a probe or a snapshot changed what the scheduler sees: the
-    /// dispatcher re-plans only then (most probes of a large fleet change nothing).
+    /// Bumped whenever a probe, snapshot or listing changed what the scheduler sees: the
+    /// dispatcher re-plans only then (most probes and listings of a large fleet change
+    /// nothing).
     generation: u64,
 }
 
@@ -234,7 +235,7 @@ impl Pool {
         self.workers.len() + self.pending.len()
     }
 
-    /// Changes with every probe or snapshot that changed something.
+    /// Changes with every probe, snapshot or listing that changed something.
     pub fn generation(&self) -> u64 {
         self.generation
     }
@@ -347,6 +348,8 @@ impl Pool {
         now: Instant,
     ) -> Vec<Effect> {
         let mut effects = Vec::new();
+        // Until two listings are in, each changes what the plan may conclude.
+        let mut changed = self.listings < 2;
         let secrets: HashSet<&str> = self.pending.values().map(|p| p.secret.as_str()).collect();
         let mut seen = HashSet::new();
         let mut fresh = Vec::new();
@@ -364,6 +367,7 @@ impl Pool {
                             w.listed.address
                         );
                         w.exec.retarget(&endpoint);
+                        changed = true;
                     }
                     w.listed = listed;
                     w.missed_listings = 0;
@@ -379,6 +383,7 @@ impl Pool {
                 }
             }
         }
+        let fresh_added: Vec<String> = fresh.iter().map(|l| l.id.clone()).collect();
         for listed in fresh {
             self.add_worker(listed, WorkerStatus::Unknown, now);
         }
@@ -393,9 +398,13 @@ impl Pool {
                 }
             }
         }
+        changed |= !fresh_added.is_empty() || !gone.is_empty();
         for id in gone {
             log::info!("instance={id} disappeared from the cloud's list; removing it");
             self.remove_worker(&id, &mut effects);
+        }
+        if changed {
+            self.generation += 1;
         }
         if !self.listed_once {
             log::info!(
@@ -549,7 +558,13 @@ impl Pool {
             }
         };
         let interval = self.config.probe_interval;
-        let watched_interval = self.config.watched_probe_interval.max(interval);
+        // Well inside the probe timeout, whatever the config says (the stream's heartbeats
+        // keep a VM alive too, but a probe must come before it would be given up).
+        let watched_interval = self
+            .config
+            .watched_probe_interval
+            .min(self.config.timeouts.probe / 2)
+            .max(interval);
         if let Some(w) = self.workers.get_mut(id) {
             // Probes of a VM with an event stream can be rare; one still booting (containers
             // wait for it) or whose stream is down (a probe reopens it) is looked at soon.
@@ -706,6 +721,14 @@ impl Pool {
         w.reason = Some("the node reports itself broken".into());
         self.generation += 1;
         self.set_behavior(id, IdleBehavior::Drain)
+    }
+
+    /// A line arrived on the worker's event stream: the VM is alive and reachable, as good as
+    /// a successful probe for the probe timeout.
+    pub fn heard_from(&mut self, id: &str, now: Instant) {
+        if let Some(w) = self.workers.get_mut(id) {
+            w.last_probe_ok = Some(w.last_probe_ok.map_or(now, |t| t.max(now)));
+        }
     }
 
     /// The event stream ended (the connection dropped, the VM went, or the runner is too old

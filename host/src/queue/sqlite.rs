@@ -160,7 +160,9 @@ impl SqliteQueue {
             tx.commit().map_err(db_err)?;
         }
         let rev: i64 = conn
-            .query_row("SELECT COALESCE(MAX(rev), 0) FROM containers", [], |r| r.get(0))
+            .query_row("SELECT COALESCE(MAX(rev), 0) FROM containers", [], |r| {
+                r.get(0)
+            })
             .map_err(db_err)?;
         Ok(SqliteQueue {
             path: path.to_path_buf(),
@@ -299,11 +301,9 @@ impl Queue for SqliteQueue {
 
     fn page(&self, limit: usize, before_seq: Option<i64>) -> Result<Vec<Container>, QueueError> {
         self.with(|c| {
-            let mut stmt = c.prepare_cached(
-                &format!(
-                    "SELECT {COLUMNS} FROM containers WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2"
-                ),
-            )?;
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM containers WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2"
+            ))?;
             let rows = stmt.query_map(
                 params![
                     before_seq.unwrap_or(i64::MAX),
@@ -664,7 +664,11 @@ mod tests {
         let a = submit(&q);
         let first = q.changes_since(None).expect("all");
         assert_eq!(first.containers.len(), 1);
-        assert!(q.changes_since(Some(first.rev)).expect("none").containers.is_empty());
+        assert!(q
+            .changes_since(Some(first.rev))
+            .expect("none")
+            .containers
+            .is_empty());
         let b = submit(&q);
         q.lock(&a.id, "small").expect("lock");
         q.cancel(&a.id, "gone").expect("cancel");
@@ -677,7 +681,10 @@ mod tests {
         // In queue order, final ones included (so a reader drops them), each once.
         assert_eq!(
             states,
-            vec![(a.id, ContainerState::Cancelled), (b.id, ContainerState::Queued)]
+            vec![
+                (a.id, ContainerState::Cancelled),
+                (b.id, ContainerState::Queued)
+            ]
         );
         assert!(next.rev > first.rev);
     }
