@@ -28,6 +28,9 @@ use crate::runner::{ContainerSpec, RunEntry, RunList, WatchLine};
 use crate::scheduler::status::{waiting_reason, Pressure};
 use crate::scheduler::{outcome, plan, Action, Outcome, PlanInput};
 
+/// How often worker timeouts are checked when nothing else prompts it.
+const TIMEOUT_CHECK_INTERVAL: Duration = Duration::from_millis(250);
+
 /// Events from the tasks the dispatcher started. Bounded: a task waits rather than letting
 /// results pile up without limit; 1024 covers a full probe round of a large pool.
 const EVENT_QUEUE: usize = 1024;
@@ -168,6 +171,10 @@ pub struct Dispatcher {
     /// The earliest moment a plan made now could come out differently by time alone (a
     /// hold-off, back-off or retry ending, or the pool counting as recovered).
     plan_expires_at: Option<Instant>,
+    /// The last plan wrote to the queue: the next pass comes at once.
+    plan_again_now: bool,
+    /// Worker timeouts are not checked again before this (unless something changed).
+    next_timeouts_at: Instant,
     /// The active containers in queue order, kept up to date from the queue's changes (a
     /// pass reads what changed since the last, not the whole queue).
     active: Vec<Container>,
@@ -248,6 +255,8 @@ impl Dispatcher {
             stale_locks: Some(stale),
             replan: true,
             plan_expires_at: None,
+            plan_again_now: false,
+            next_timeouts_at: now,
             active: Vec::new(),
             active_rev: None,
         })
@@ -287,6 +296,9 @@ impl Dispatcher {
     }
 
     fn next_wake(&self, now: Instant) -> Instant {
+        if self.plan_again_now {
+            return now + Duration::from_millis(1);
+        }
         let mut at = now + self.settings.probe_interval;
         if self.listing.is_none() {
             // While a listing is in flight its result is the wake-up.
@@ -554,11 +566,16 @@ impl Dispatcher {
         for job in self.pool.due_probes(now) {
             self.probe(job);
         }
-        let effects = self.pool.apply_timeouts(now);
-        if !effects.is_empty() {
-            self.replan = true;
+        // Timeouts are seconds to minutes long: checking every worker at each heartbeat of a
+        // large fleet would cost more than everything else the loop does.
+        if self.replan || now >= self.next_timeouts_at {
+            self.next_timeouts_at = now + TIMEOUT_CHECK_INTERVAL;
+            let effects = self.pool.apply_timeouts(now);
+            if !effects.is_empty() {
+                self.replan = true;
+            }
+            self.execute(effects);
         }
-        self.execute(effects);
         let expired = self.plan_expires_at.is_some_and(|t| now >= t);
         if !(self.replan || expired) {
             return;
@@ -567,6 +584,10 @@ impl Dispatcher {
             self.replan = false;
             self.release_stale_locks(now);
             self.schedule(now);
+            // What this pass wrote to the queue (a requeue, a cancel, an adoption) is an input
+            // of the next: plan again at once rather than at the next event.
+            self.plan_again_now = Some(self.queue.revision()) != self.active_rev;
+            self.replan |= self.plan_again_now;
             self.plan_expires_at = [
                 self.cloud.next_holdoff_end(),
                 self.pool.next_backoff_end(now),

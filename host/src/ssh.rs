@@ -261,6 +261,10 @@ impl Executor {
             // Commands are small request/response exchanges: Nagle plus delayed ACKs would add
             // ~40 ms to each.
             nodelay: true,
+            // The largest packet the VM may send us. russh's buffers grow to it and stay, per
+            // connection: 8 KiB instead of 32 KiB keeps a fleet of thousands small, and logs
+            // still stream at many MB/s.
+            maximum_packet_size: 8 * 1024,
             ..Default::default()
         });
         let connect_error = |message: String| SshError::Connect {

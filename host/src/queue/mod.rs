@@ -184,6 +184,8 @@ pub trait Queue: Send + Sync {
     /// answer, every container written since (in any state), in queue order. Either way, the
     /// revision to ask from next time.
     fn changes_since(&self, rev: Option<i64>) -> Result<Changes, QueueError>;
+    /// The revision of the latest write (cheap: no database read).
+    fn revision(&self) -> i64;
     /// Queued → Locked for `instance_type`; false if it was no longer Queued.
     fn lock(&self, id: &str, instance_type: &str) -> Result<bool, QueueError>;
     /// Locked → Queued. Not an attempt: the container never reached a VM.

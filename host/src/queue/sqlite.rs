@@ -342,6 +342,10 @@ impl Queue for SqliteQueue {
         })
     }
 
+    fn revision(&self) -> i64 {
+        self.rev.load(Ordering::SeqCst)
+    }
+
     fn changes_since(&self, rev: Option<i64>) -> Result<Changes, QueueError> {
         self.with(|c| {
             // Under the connection's lock: no write can fall between the rows and the revision.
