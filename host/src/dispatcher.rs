@@ -57,6 +57,8 @@ enum Event {
         container: String,
         worker: String,
         result: Result<(), RemoteError>,
+        /// Finished runs the start command was asked to forget first.
+        forgot: Vec<String>,
     },
     Killed {
         container: String,
@@ -92,12 +94,18 @@ enum Event {
         worker: String,
         error: Option<RemoteError>,
     },
-    /// A finalize or forget finished: the container's op lock is free. When the run was
-    /// forgotten on the VM the pool stops reporting it; when not, it is retried after a while.
-    OpDone {
+    /// A finalize finished: the container's op lock is free. Recorded, its run is forgotten
+    /// at the next pass (batched, or carried by a start); not, it is retried after a while.
+    Recorded {
         container: String,
+        ok: bool,
+    },
+    /// A forget of these finished runs came back: when it worked the pool stops reporting
+    /// them; when not, they are retried after a while.
+    Forgot {
         worker: String,
-        forgotten: bool,
+        containers: Vec<String>,
+        ok: bool,
     },
 }
 
@@ -391,7 +399,14 @@ impl Dispatcher {
                 container,
                 worker,
                 result,
-            } => self.apply_started(container, worker, result, now),
+                forgot,
+            } => {
+                let ok = result.is_ok();
+                self.apply_started(container, worker.clone(), result, now);
+                if !forgot.is_empty() {
+                    self.forgot(&worker, forgot, ok, now);
+                }
+            }
             Event::WatchSnapshot {
                 worker,
                 launched,
@@ -436,20 +451,20 @@ impl Dispatcher {
                     self.pool.runner_stopped(&worker, &container);
                 }
             }
-            Event::OpDone {
-                container,
-                worker,
-                forgotten,
-            } => {
+            Event::Recorded { container, ok } => {
                 self.busy.remove(&container);
-                if forgotten {
-                    self.pool.runner_forgotten(&worker, &container, now);
+                if ok {
                     self.retry_at.remove(&container);
                 } else {
                     self.retry_at
                         .insert(container, now + self.settings.probe_interval);
                 }
             }
+            Event::Forgot {
+                worker,
+                containers,
+                ok,
+            } => self.forgot(&worker, containers, ok, now),
         }
     }
 
@@ -803,8 +818,24 @@ impl Dispatcher {
         let by_id: HashMap<String, Container> =
             containers.into_iter().map(|c| (c.id.clone(), c)).collect();
         let mut lock_failed: HashSet<String> = HashSet::new();
+        // Finished runs to forget, per worker: carried by a start on that worker if there is
+        // one this pass, otherwise one command per worker.
+        let mut forgets: HashMap<String, Vec<String>> = HashMap::new();
+        for action in &actions {
+            if let Action::Forget { container, worker } = action {
+                if !self.held_back(container, now) && self.busy.insert(container.clone()) {
+                    forgets
+                        .entry(worker.clone())
+                        .or_default()
+                        .push(container.clone());
+                }
+            }
+        }
         for action in actions {
-            self.carry_out(action, &by_id, &mut lock_failed, now);
+            self.carry_out(action, &by_id, &mut lock_failed, &mut forgets, now);
+        }
+        for (worker, containers) in forgets {
+            self.forget(&worker, containers);
         }
     }
 
@@ -860,6 +891,7 @@ impl Dispatcher {
         action: Action,
         by_id: &HashMap<String, Container>,
         lock_failed: &mut HashSet<String>,
+        forgets: &mut HashMap<String, Vec<String>>,
         now: Instant,
     ) {
         match action {
@@ -908,7 +940,8 @@ impl Dispatcher {
             Action::Start { container, worker } => {
                 if !lock_failed.contains(&container) {
                     if let Some(c) = by_id.get(&container) {
-                        self.start(c, &worker, now);
+                        let forget = forgets.remove(&worker).unwrap_or_default();
+                        self.start(c, &worker, forget, now);
                     }
                 }
             }
@@ -926,11 +959,8 @@ impl Dispatcher {
                 }
             }
             Action::Kill { container, worker } => self.kill(&container, &worker),
-            Action::Forget { container, worker } => {
-                if !self.held_back(&container, now) {
-                    self.forget(&container, &worker)
-                }
-            }
+            // Gathered per worker before the other actions (see `schedule`).
+            Action::Forget { .. } => {}
             Action::Shutdown { worker } => {
                 let effect = self.pool.shutdown(&worker, "frees quota for other work");
                 self.execute(effect.into_iter().collect());
@@ -955,11 +985,18 @@ impl Dispatcher {
         }
     }
 
-    fn start(&mut self, c: &Container, worker: &str, now: Instant) {
+    fn start(&mut self, c: &Container, worker: &str, forget: Vec<String>, now: Instant) {
         if self.busy.contains(&c.id) {
+            if !forget.is_empty() {
+                self.forget(worker, forget);
+            }
             return;
         }
         let Some((exec, sudo)) = self.pool.begin_start(&c.id, worker, now) else {
+            // Worker gone or going: its runs are nobody's to forget any more.
+            for id in forget {
+                self.busy.remove(&id);
+            }
             return;
         };
         self.busy.insert(c.id.clone());
@@ -977,13 +1014,27 @@ impl Dispatcher {
                 binary: &binary,
                 sudo,
             };
-            let result = remote.start(&*exec, &spec).await;
+            let result = remote.start(&*exec, &spec, &forget).await;
             Event::Started {
                 container: spec.id,
                 worker,
                 result,
+                forgot: forget,
             }
         });
+    }
+
+    /// A forget (alone or carried by a start) came back for `containers`.
+    fn forgot(&mut self, worker: &str, containers: Vec<String>, ok: bool, now: Instant) {
+        for id in containers {
+            self.busy.remove(&id);
+            if ok {
+                self.pool.runner_forgotten(worker, &id, now);
+                self.retry_at.remove(&id);
+            } else {
+                self.retry_at.insert(id, now + self.settings.probe_interval);
+            }
+        }
     }
 
     fn create(&mut self, type_name: &str) {
@@ -1023,38 +1074,37 @@ impl Dispatcher {
             if let Err(e) = &result {
                 log::warn!("container={id} instance={worker} recording the result failed: {e}");
             }
-            Event::OpDone {
+            Event::Recorded {
                 container: id,
-                worker,
-                forgotten: result.is_ok(),
+                ok: result.is_ok(),
             }
         });
     }
 
-    fn forget(&mut self, container: &str, worker: &str) {
-        if self.busy.contains(container) {
-            return;
-        }
+    /// Forgets finished runs on one worker in one command. The containers are already marked
+    /// busy by the caller.
+    fn forget(&mut self, worker: &str, containers: Vec<String>) {
         let Some((exec, sudo)) = self.pool.remote(worker) else {
+            for id in containers {
+                self.busy.remove(&id);
+            }
             return;
         };
-        self.busy.insert(container.to_string());
         let binary = self.binary.clone();
-        let id = container.to_string();
         let worker = worker.to_string();
         self.spawn(async move {
             let remote = Remote {
                 binary: &binary,
                 sudo,
             };
-            let result = remote.forget(&*exec, &id).await;
+            let result = remote.forget(&*exec, &containers).await;
             if let Err(e) = &result {
-                log::debug!("container={id} forget: {e}");
+                log::debug!("instance={worker} forget {containers:?}: {e}");
             }
-            Event::OpDone {
-                container: id,
+            Event::Forgot {
                 worker,
-                forgotten: result.is_ok(),
+                containers,
+                ok: result.is_ok(),
             }
         });
     }
@@ -1110,8 +1160,9 @@ enum RecordError {
     Queue(#[from] QueueError),
 }
 
-/// Fetches a finished runner's exit status and logs in one streamed command, records the
-/// outcome, then forgets the run on the VM (only once the result is safely in the queue).
+/// Fetches a finished runner's exit status and logs in one streamed command and records the
+/// outcome. The run is forgotten on the VM afterwards (only once the result is safely in the
+/// queue), by the next pass.
 async fn record_result(
     remote: &Remote<'_>,
     exec: &dyn Exec,
@@ -1148,7 +1199,6 @@ async fn record_result(
             );
         }
     }
-    remote.forget(exec, id).await?;
     Ok(())
 }
 

@@ -168,12 +168,13 @@ pub fn main(args: &[String]) -> anyhow::Result<i32> {
             .with_context(|| format!("runner: missing {what}"))
     };
     match arg(0, "subcommand")? {
-        "start" => start(),
-        "supervise" => {
-            let fd: i32 = arg(2, "lock descriptor")?
-                .parse()
-                .context("runner supervise: lock descriptor")?;
-            supervise(arg(1, "container ID")?, fd)
+        // `start [ID…]`: forgets those finished runs first (saving the host a command).
+        "start" => {
+            for id in &args[1..] {
+                // Best effort: what was not forgotten is still listed, and asked again.
+                let _ = forget(id);
+            }
+            start()
         }
         "watch" => watch(),
         "version" => {
@@ -196,7 +197,17 @@ pub fn main(args: &[String]) -> anyhow::Result<i32> {
             kill(arg(2, "container ID")?, signal)
         }
         "logs" => logs(arg(1, "container ID")?, arg(2, "stdout or stderr")?),
-        "forget" => forget(arg(1, "container ID")?),
+        "forget" => {
+            arg(1, "container ID")?;
+            let mut refused = 0;
+            for id in &args[1..] {
+                if let Err(e) = forget(id) {
+                    eprintln!("{e:#}");
+                    refused += 1;
+                }
+            }
+            Ok(i32::from(refused > 0))
+        }
         other => bail!(
             "runner: unknown subcommand {other:?} (start, list, watch, collect, kill, logs, forget, version)"
         ),
@@ -207,9 +218,9 @@ pub fn main(args: &[String]) -> anyhow::Result<i32> {
 /// within milliseconds of creating it): older than this, nothing will ever run it.
 const UNLOCKED_STALE_AFTER: Duration = Duration::from_secs(5);
 
-/// Reads the spec on stdin, creates the run directory, takes its lock and hands the locked
-/// descriptor to a detached supervisor: from the moment `start` exits 0, the directory is
-/// locked for as long as the container runs. A second start of an ID never runs it again.
+/// Reads the spec on stdin, creates the run directory, takes its lock and forks a detached
+/// supervisor that keeps it: from the moment `start` exits 0, the directory is locked for as
+/// long as the container runs. A second start of an ID never runs it again.
 fn start() -> anyhow::Result<i32> {
     let mut input = String::new();
     std::io::stdin().read_to_string(&mut input)?;
@@ -236,32 +247,46 @@ fn start() -> anyhow::Result<i32> {
     let lock = File::create(dir.join("lock.new"))?;
     lock.lock()?;
     std::fs::rename(dir.join("lock.new"), dir.join("lock"))?;
-    let lock_fd = lock.as_raw_fd();
-    let exe = std::env::current_exe()?;
-    let mut supervisor = Command::new(exe);
-    supervisor
-        .args(["runner", "supervise", &spec.id, &lock_fd.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    // SAFETY: setsid and fcntl are async-signal-safe and touch no memory of the parent.
-    unsafe {
-        supervisor.pre_exec(move || {
-            // setsid: the supervisor must outlive this SSH command and its session.
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The lock's descriptor survives the exec, so the lock is never let go between
-            // this process and the supervisor (flock belongs to the open file, not a process).
-            if libc::fcntl(lock_fd, libc::F_SETFD, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+    // The supervisor is a fork of this process, not a new executable: one process start
+    // fewer per container. Safe here: `start` has no other thread. The child shares the
+    // locked open file, so the lock is held from here on by whichever of the two is alive.
+    std::io::stdout().flush()?;
+    // SAFETY: fork in a single-threaded process; the child only runs this program's code.
+    match unsafe { libc::fork() } {
+        -1 => Err(std::io::Error::last_os_error()).context("runner start: fork"),
+        0 => {
+            let code = match detach().and_then(|()| supervise(&spec.id, lock)) {
+                Ok(code) => code,
+                Err(_) => 1,
+            };
+            std::process::exit(code)
+        }
+        _ => {
+            drop(lock);
+            notify_watchers(&spec.id);
+            Ok(0)
+        }
     }
-    supervisor.spawn().context("runner start: supervisor")?;
-    notify_watchers(&spec.id);
-    Ok(0)
+}
+
+/// Makes the forked supervisor independent of the SSH command that started it: its own
+/// session (no hang-up when the command ends) and no hold on the command's pipes.
+fn detach() -> anyhow::Result<()> {
+    // SAFETY: setsid has no preconditions.
+    if unsafe { libc::setsid() } < 0 {
+        return Err(std::io::Error::last_os_error()).context("runner supervise: setsid");
+    }
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    for fd in 0..=2 {
+        // SAFETY: dup2 onto the standard descriptors of this process.
+        if unsafe { libc::dup2(null.as_raw_fd(), fd) } < 0 {
+            return Err(std::io::Error::last_os_error()).context("runner supervise: stdio");
+        }
+    }
+    Ok(())
 }
 
 fn engine() -> Option<&'static str> {
@@ -315,22 +340,11 @@ fn build_command(spec: &ContainerSpec) -> anyhow::Result<Command> {
     }
 }
 
-/// The detached supervisor: holds the lock it inherited on `lock_fd`, runs the container,
-/// writes `exit.json`.
-fn supervise(id: &str, lock_fd: i32) -> anyhow::Result<i32> {
+/// The detached supervisor: holds `lock` (close-on-exec, so the container never holds it),
+/// runs the container, writes `exit.json`.
+fn supervise(id: &str, lock: File) -> anyhow::Result<i32> {
     valid_id(id)?;
     let dir = runs_dir().join(id);
-    let lock = {
-        use std::os::fd::FromRawFd;
-        // SAFETY: `start` passed this descriptor, open and owned by nobody else in this process.
-        unsafe { File::from_raw_fd(lock_fd) }
-    };
-    // Close-on-exec again: the container must not hold the lock (or it would look alive after
-    // the supervisor died, and could keep a finished run "Running").
-    // SAFETY: fcntl on a descriptor this process owns.
-    if unsafe { libc::fcntl(lock.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
-        return Err(std::io::Error::last_os_error()).context("runner supervise: lock descriptor");
-    }
     let spec: ContainerSpec = serde_json::from_slice(&std::fs::read(dir.join("spec.json"))?)?;
     let started_at_ms = now_ms();
     let record = match build_command(&spec).and_then(|mut cmd| {

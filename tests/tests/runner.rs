@@ -177,3 +177,35 @@ fn collect_frames_result_and_logs_and_caps_them() {
     assert_eq!((header.stderr.sent, header.stderr.total), (3, 3));
     assert_eq!(&out.stdout[end + 1..], b"0123err");
 }
+
+#[test]
+fn a_start_carries_the_forget_of_finished_runs_and_forget_takes_many() {
+    let root = tempfile::tempdir().expect("tmp");
+    for id in ["done1", "done2"] {
+        start(root.path(), id, "true");
+    }
+    eventually("both to exit", Duration::from_secs(10), || {
+        state(root.path(), "done1") == Some(RunState::Exited)
+            && state(root.path(), "done2") == Some(RunState::Exited)
+    });
+    let spec = ContainerSpec {
+        id: "next".into(),
+        command: vec!["sleep".into(), "1".into()],
+        env: Default::default(),
+        working_dir: None,
+        image: None,
+    };
+    let out = runner(
+        root.path(),
+        &["runner", "start", "done1"],
+        &serde_json::to_vec(&spec).expect("json"),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(state(root.path(), "done1"), None, "carried forget");
+    assert_eq!(state(root.path(), "next"), Some(RunState::Running));
+    // A running one is refused (exit 1), the finished one is forgotten all the same.
+    let out = runner(root.path(), &["forget", "next", "done2"], b"");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(state(root.path(), "done2"), None);
+    assert_eq!(state(root.path(), "next"), Some(RunState::Running));
+}

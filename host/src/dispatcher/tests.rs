@@ -292,7 +292,12 @@ impl FakeExec {
                     };
                     output(0, serde_json::to_vec(&list).expect("json"))
                 }
-                ["start"] => {
+                ["start", forget @ ..] => {
+                    for id in forget {
+                        if vm.runs.get(*id).is_some_and(|r| r.is_some()) {
+                            vm.runs.remove(*id);
+                        }
+                    }
                     if vm.fail_start {
                         return output(1, "");
                     }
@@ -314,8 +319,10 @@ impl FakeExec {
                     Some(Some(exit_code)) => output(0, collect_stream(id, *exit_code)),
                     _ => output(3, ""),
                 },
-                ["forget", id] => {
-                    vm.runs.remove(*id);
+                ["forget", ids @ ..] => {
+                    for id in ids {
+                        vm.runs.remove(*id);
+                    }
                     output(0, "")
                 }
                 _ => output(0, ""),

@@ -316,12 +316,20 @@ impl Remote<'_> {
         Ok(writer.finish()?)
     }
 
-    pub async fn start(&self, exec: &dyn Exec, spec: &ContainerSpec) -> Result<(), RemoteError> {
+    /// Starts `spec`, after forgetting the finished runs `forget` (one command for both).
+    pub async fn start(
+        &self,
+        exec: &dyn Exec,
+        spec: &ContainerSpec,
+        forget: &[String],
+    ) -> Result<(), RemoteError> {
         let stdin = serde_json::to_vec(spec).map_err(|e| RemoteError::BadOutput {
             what: "encoding the spec",
             message: e.to_string(),
         })?;
-        let out = exec.run(&self.runner(&["start"]), &stdin).await?;
+        let mut args = vec!["start"];
+        args.extend(forget.iter().map(String::as_str));
+        let out = exec.run(&self.runner(&args), &stdin).await?;
         if !out.success() {
             return Err(failed("runner start", &out));
         }
@@ -336,8 +344,11 @@ impl Remote<'_> {
         Ok(out.success())
     }
 
-    pub async fn forget(&self, exec: &dyn Exec, id: &str) -> Result<(), RemoteError> {
-        let out = exec.run(&self.runner(&["forget", id]), b"").await?;
+    /// Removes finished runs' directories; an error when any was refused (still running).
+    pub async fn forget(&self, exec: &dyn Exec, ids: &[String]) -> Result<(), RemoteError> {
+        let mut args = vec!["forget"];
+        args.extend(ids.iter().map(String::as_str));
+        let out = exec.run(&self.runner(&args), b"").await?;
         if !out.success() {
             return Err(failed("runner forget", &out));
         }
