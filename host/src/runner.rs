@@ -255,11 +255,13 @@ fn start() -> anyhow::Result<i32> {
     match unsafe { libc::fork() } {
         -1 => Err(std::io::Error::last_os_error()).context("runner start: fork"),
         0 => {
-            let code = match detach().and_then(|()| supervise(&spec.id, lock)) {
-                Ok(code) => code,
-                Err(_) => 1,
-            };
-            std::process::exit(code)
+            // Nobody reads the supervisor's errors: a run that could not be supervised shows
+            // as Stale (or Exited with its error) to the host.
+            std::process::exit(
+                detach()
+                    .and_then(|()| supervise(&spec.id, lock))
+                    .unwrap_or(1),
+            )
         }
         _ => {
             drop(lock);
