@@ -203,14 +203,23 @@ async fn logs(
             format!("container {id} is {:?}: no logs recorded yet", c.state),
         ));
     };
-    let file = tokio::fs::File::open(std::path::Path::new(&dir).join(&stream))
-        .await
-        .map_err(|e| {
-            ApiError(
+    let file = match tokio::fs::File::open(std::path::Path::new(&dir).join(&stream)).await {
+        Ok(file) => file,
+        // The container printed nothing there: no file was written.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((
+                [(header::CONTENT_TYPE, "application/octet-stream")],
+                Vec::<u8>::new(),
+            )
+                .into_response())
+        }
+        Err(e) => {
+            return Err(ApiError(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("reading {stream}: {e}"),
-            )
-        })?;
+            ))
+        }
+    };
     let chunks = futures_util::stream::unfold(Some(file), |file| async move {
         use tokio::io::AsyncReadExt;
         let mut file = file?;

@@ -756,7 +756,8 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// The queue's containers of interest: the active ones, plus any a runner still reports.
+    /// Containers of interest besides the active ones: those a runner still reports (finished,
+    /// not yet forgotten); and the workers running containers the queue does not know.
     fn containers_of_interest(
         &mut self,
         runners: &rustc_hash::FxHashMap<String, crate::scheduler::RunnerSeen>,
@@ -764,7 +765,8 @@ impl Dispatcher {
         self.refresh_active()?;
         let mut extra = Vec::new();
         let mut foreign = HashSet::new();
-        let known: HashSet<&str> = self.active.iter().map(|c| c.id.as_str()).collect();
+        let known: rustc_hash::FxHashSet<&str> =
+            self.active.iter().map(|c| c.id.as_str()).collect();
         for (cid, seen) in runners {
             if known.contains(cid.as_str()) {
                 continue;
@@ -776,14 +778,12 @@ impl Dispatcher {
                 }
             }
         }
-        let mut containers = self.active.clone();
-        containers.extend(extra);
-        Ok((containers, foreign))
+        Ok((extra, foreign))
     }
 
     fn schedule(&mut self, now: Instant) {
         let runners = self.pool.runners();
-        let (containers, foreign) = match self.containers_of_interest(&runners) {
+        let (extra, foreign) = match self.containers_of_interest(&runners) {
             Ok(c) => c,
             Err(e) => {
                 log::error!("Reading the queue failed: {e}");
@@ -792,7 +792,29 @@ impl Dispatcher {
                 return;
             }
         };
-        let slots = self.pool.slots(&foreign);
+        // Borrowed, not copied, for the pass (a copy per pass is most of a pass's cost with a
+        // long queue); put back at the end.
+        let active = std::mem::take(&mut self.active);
+        let containers: std::borrow::Cow<'_, [Container]> = if extra.is_empty() {
+            std::borrow::Cow::Borrowed(&active)
+        } else {
+            let mut all = active.clone();
+            all.extend(extra);
+            std::borrow::Cow::Owned(all)
+        };
+        self.plan_and_carry_out(&containers, &runners, &foreign, now);
+        drop(containers);
+        self.active = active;
+    }
+
+    fn plan_and_carry_out(
+        &mut self,
+        containers: &[Container],
+        runners: &rustc_hash::FxHashMap<String, crate::scheduler::RunnerSeen>,
+        foreign: &HashSet<String>,
+        now: Instant,
+    ) {
+        let slots = self.pool.slots(foreign);
         let at_capacity: rustc_hash::FxHashSet<String> = self
             .settings
             .types
@@ -801,9 +823,9 @@ impl Dispatcher {
             .map(|t| t.provider_type.clone())
             .collect();
         let input = PlanInput {
-            containers: &containers,
+            containers,
             workers: &slots,
-            runners: &runners,
+            runners,
             types: &self.settings.types,
             maximum_price_factor: self.settings.maximum_price_factor,
             max_per_instance: self.settings.max_per_instance,
@@ -815,8 +837,8 @@ impl Dispatcher {
         };
         let actions = plan(&input);
         self.publish_waiting(&input, &actions, now);
-        let by_id: HashMap<String, Container> =
-            containers.into_iter().map(|c| (c.id.clone(), c)).collect();
+        let by_id: rustc_hash::FxHashMap<&str, &Container> =
+            containers.iter().map(|c| (c.id.as_str(), c)).collect();
         let mut lock_failed: HashSet<String> = HashSet::new();
         // Finished runs to forget, per worker: carried by a start on that worker if there is
         // one this pass, otherwise one command per worker.
@@ -889,7 +911,7 @@ impl Dispatcher {
     fn carry_out(
         &mut self,
         action: Action,
-        by_id: &HashMap<String, Container>,
+        by_id: &rustc_hash::FxHashMap<&str, &Container>,
         lock_failed: &mut HashSet<String>,
         forgets: &mut HashMap<String, Vec<String>>,
         now: Instant,
@@ -939,7 +961,7 @@ impl Dispatcher {
             }
             Action::Start { container, worker } => {
                 if !lock_failed.contains(&container) {
-                    if let Some(c) = by_id.get(&container) {
+                    if let Some(c) = by_id.get(container.as_str()) {
                         let forget = forgets.remove(&worker).unwrap_or_default();
                         self.start(c, &worker, forget, now);
                     }
@@ -954,8 +976,11 @@ impl Dispatcher {
                 }
             }
             Action::Finalize { container, worker } => {
-                if let (Some(c), false) = (by_id.get(&container), self.held_back(&container, now)) {
-                    self.finalize(c.clone(), &worker);
+                if let (Some(c), false) = (
+                    by_id.get(container.as_str()),
+                    self.held_back(&container, now),
+                ) {
+                    self.finalize((*c).clone(), &worker);
                 }
             }
             Action::Kill { container, worker } => self.kill(&container, &worker),

@@ -87,6 +87,9 @@ fn an_exit_is_recorded_at_once_with_the_vms_own_times() {
         (1_000..1_500).contains(&ran),
         "recorded run time {ran} ms for `sleep 1`"
     );
+    // It printed nothing: no log files, and the API serves empty logs.
+    assert_eq!(h.client().logs(&c.id, "stdout").expect("stdout"), b"");
+    assert_eq!(h.client().logs(&c.id, "stderr").expect("stderr"), b"");
 }
 
 #[test]

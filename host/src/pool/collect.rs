@@ -95,11 +95,6 @@ impl CollectWriter {
     fn open_parts(&mut self) -> Result<(), CollectError> {
         let header: CollectHeader = serde_json::from_slice(&self.header_bytes)
             .map_err(|e| CollectError::BadOutput(format!("header: {e}")))?;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)
-            .map_err(|e| save_error(&self.dir, e))?;
         for (name, info) in [("stdout", header.stdout), ("stderr", header.stderr)] {
             if info.sent > self.cap || info.sent > info.total {
                 return Err(CollectError::BadOutput(format!(
@@ -107,6 +102,16 @@ impl CollectWriter {
                     info.sent, self.cap, info.total
                 )));
             }
+            // An empty log is no file (the API serves it as empty): creating files is most of
+            // what recording a short container costs.
+            if info.total == 0 {
+                continue;
+            }
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&self.dir)
+                .map_err(|e| save_error(&self.dir, e))?;
             let path = self.dir.join(name);
             let file = std::fs::OpenOptions::new()
                 .write(true)
@@ -179,6 +184,16 @@ mod tests {
 
     fn part(sent: u64, total: u64) -> LogPart {
         LogPart { sent, total }
+    }
+
+    #[test]
+    fn empty_logs_make_no_files() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let out = dir.path().join("c");
+        let mut w = CollectWriter::new(&out, 100);
+        w.feed(&stream(part(0, 0), part(0, 0), b"")).expect("feed");
+        assert_eq!(w.finish().expect("finish").exit.exit_code, 7);
+        assert!(!out.exists());
     }
 
     #[test]
