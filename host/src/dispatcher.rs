@@ -583,7 +583,7 @@ impl Dispatcher {
         }
         // Timeouts are seconds to minutes long: checking every worker at each heartbeat of a
         // large fleet would cost more than everything else the loop does.
-        if self.replan || now >= self.next_timeouts_at {
+        if self.replan || now >= self.next_timeouts_at || self.pool.destroy_retry_due(now) {
             self.next_timeouts_at = now + TIMEOUT_CHECK_INTERVAL;
             let effects = self.pool.apply_timeouts(now);
             if !effects.is_empty() {
@@ -598,10 +598,11 @@ impl Dispatcher {
         if self.pool.listed_once() {
             self.replan = false;
             self.release_stale_locks(now);
-            self.schedule(now);
+            let read = self.schedule(now);
             // What this pass wrote to the queue (a requeue, a cancel, an adoption) is an input
-            // of the next: plan again at once rather than at the next event.
-            self.plan_again_now = Some(self.queue.revision()) != self.active_rev;
+            // of the next: plan again at once rather than at the next event. Not after a failed
+            // read: that waits for the next wake-up, never a tight loop.
+            self.plan_again_now = read && Some(self.queue.revision()) != self.active_rev;
             self.replan |= self.plan_again_now;
             self.plan_expires_at = [
                 self.cloud.next_holdoff_end(),
@@ -781,7 +782,8 @@ impl Dispatcher {
         Ok((extra, foreign))
     }
 
-    fn schedule(&mut self, now: Instant) {
+    /// Plans and carries out the plan; false when the queue could not be read.
+    fn schedule(&mut self, now: Instant) -> bool {
         let runners = self.pool.runners();
         let (extra, foreign) = match self.containers_of_interest(&runners) {
             Ok(c) => c,
@@ -789,7 +791,7 @@ impl Dispatcher {
                 log::error!("Reading the queue failed: {e}");
                 // Planned again at the next wake-up, whatever it is.
                 self.replan = true;
-                return;
+                return false;
             }
         };
         // Borrowed, not copied, for the pass (a copy per pass is most of a pass's cost with a
@@ -805,6 +807,7 @@ impl Dispatcher {
         self.plan_and_carry_out(&containers, &runners, &foreign, now);
         drop(containers);
         self.active = active;
+        true
     }
 
     fn plan_and_carry_out(
@@ -845,7 +848,7 @@ impl Dispatcher {
         let mut forgets: HashMap<String, Vec<String>> = HashMap::new();
         for action in &actions {
             if let Action::Forget { container, worker } = action {
-                if !self.held_back(container, now) && self.busy.insert(container.clone()) {
+                if !self.held_back(container, now) && !self.busy.contains(container) {
                     forgets
                         .entry(worker.clone())
                         .or_default()
@@ -1019,11 +1022,13 @@ impl Dispatcher {
         }
         let Some((exec, sudo)) = self.pool.begin_start(&c.id, worker, now) else {
             // Worker gone or going: its runs are nobody's to forget any more.
-            for id in forget {
-                self.busy.remove(&id);
-            }
             return;
         };
+        let forget: Vec<String> = forget
+            .into_iter()
+            .filter(|id| !self.busy.contains(id))
+            .collect();
+        self.busy.extend(forget.iter().cloned());
         self.busy.insert(c.id.clone());
         let spec = ContainerSpec {
             id: c.id.clone(),
@@ -1106,15 +1111,20 @@ impl Dispatcher {
         });
     }
 
-    /// Forgets finished runs on one worker in one command. The containers are already marked
-    /// busy by the caller.
+    /// Forgets finished runs on one worker in one command; they are busy until it returns.
     fn forget(&mut self, worker: &str, containers: Vec<String>) {
+        // Busy meanwhile (a start this pass, a finalize) leaves them for a later pass.
+        let containers: Vec<String> = containers
+            .into_iter()
+            .filter(|c| !self.busy.contains(c))
+            .collect();
+        if containers.is_empty() {
+            return;
+        }
         let Some((exec, sudo)) = self.pool.remote(worker) else {
-            for id in containers {
-                self.busy.remove(&id);
-            }
             return;
         };
+        self.busy.extend(containers.iter().cloned());
         let binary = self.binary.clone();
         let worker = worker.to_string();
         self.spawn(async move {

@@ -32,7 +32,7 @@ pub const DEPLOY_DIR: &str = "var/lib/dispatch-cloud/bin";
 
 /// The runner protocol this build speaks (`runner version`). Raised whenever a subcommand or
 /// an output the host relies on changes; the host refuses a runner that speaks another.
-pub const PROTOCOL: u32 = 2;
+pub const PROTOCOL: u32 = 3;
 
 /// What `start` reads on stdin.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -251,19 +251,31 @@ fn start() -> anyhow::Result<i32> {
     // fewer per container. Safe here: `start` has no other thread. The child shares the
     // locked open file, so the lock is held from here on by whichever of the two is alive.
     std::io::stdout().flush()?;
+    // The child says when it has its own session: until then a hang-up of this command's
+    // terminal (an SSH pty, sudo's) would reach it too.
+    let (mut detached_rx, mut detached_tx) = std::os::unix::net::UnixStream::pair()?;
     // SAFETY: fork in a single-threaded process; the child only runs this program's code.
     match unsafe { libc::fork() } {
         -1 => Err(std::io::Error::last_os_error()).context("runner start: fork"),
         0 => {
+            drop(detached_rx);
+            let detached = detach();
+            // The parent learns either way (and stops waiting).
+            let _ = detached_tx.write_all(&[u8::from(detached.is_ok())]);
+            drop(detached_tx);
             // Nobody reads the supervisor's errors: a run that could not be supervised shows
             // as Stale (or Exited with its error) to the host.
             std::process::exit(
-                detach()
+                detached
                     .and_then(|()| supervise(&spec.id, lock))
                     .unwrap_or(1),
             )
         }
         _ => {
+            drop(detached_tx);
+            let mut ack = [0u8; 1];
+            // EOF (the child died first) leaves the run to show as Stale.
+            let _ = detached_rx.read(&mut ack);
             drop(lock);
             notify_watchers(&spec.id);
             Ok(0)

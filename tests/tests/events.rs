@@ -273,7 +273,7 @@ fn a_runner_speaking_another_protocol_is_not_used_and_says_why() {
             l.iter().any(|i| {
                 i.reason
                     .as_deref()
-                    .is_some_and(|r| r.contains("speaks protocol Some(1); this host needs 2"))
+                    .is_some_and(|r| r.contains("speaks protocol Some(1); this host needs 3"))
             })
         })
     });

@@ -841,6 +841,15 @@ impl Pool {
         effects
     }
 
+    /// A failed destroy is due to be tried again (cheap: no timeout is evaluated).
+    pub fn destroy_retry_due(&self, now: Instant) -> bool {
+        self.workers.values().any(|w| {
+            !w.destroying
+                && w.shutdown_at
+                    .is_some_and(|t| now.saturating_duration_since(t) >= self.config.shutdown_retry)
+        })
+    }
+
     /// Boot, probe and idle timeouts, drained workers, and destroys to retry.
     pub fn apply_timeouts(&mut self, now: Instant) -> Vec<Effect> {
         let mut go = Vec::new();

@@ -64,8 +64,8 @@ pub struct SqliteQueue {
     /// One connection: SQLite serializes writers anyway, and every statement here is short.
     /// A std mutex, never held across an await.
     conn: Mutex<Connection>,
-    /// The last revision stamped; advanced only while `conn` is held, so revisions are in
-    /// commit order.
+    /// The last revision stamped; advanced only while `conn` is held (and only by a write
+    /// that succeeded), so revisions are in commit order.
     rev: AtomicI64,
 }
 
@@ -189,7 +189,14 @@ impl SqliteQueue {
         &self,
         f: impl FnOnce(&Connection, i64) -> rusqlite::Result<T>,
     ) -> Result<T, QueueError> {
-        self.with(|c| f(c, self.rev.fetch_add(1, Ordering::SeqCst) + 1))
+        self.with(|c| {
+            // Advanced only for a write that went through: a failing database must not look
+            // like a queue that keeps changing.
+            let next = self.rev.load(Ordering::SeqCst) + 1;
+            let out = f(c, next)?;
+            self.rev.store(next, Ordering::SeqCst);
+            Ok(out)
+        })
     }
 
     /// Moves `id` from one of `from` to `to` with `set` (extra assignments); reports why not.
