@@ -24,6 +24,8 @@ struct Vm {
     /// `start` launches the run but the command reports failure (its connection dropped).
     start_runs_but_fails: bool,
     ignore_sigterm: bool,
+    /// Runs it starts have no supervisor: they are listed Stale.
+    stale_runs: bool,
 }
 
 /// The VMs, by address, and every command sent to them.
@@ -99,6 +101,8 @@ struct FakeCloud {
     refusing_vms: AtomicBool,
     /// New VMs' runners start the run but report failure.
     flaky_start_vms: AtomicBool,
+    /// New VMs' runs lose their supervisor at once (listed Stale).
+    stale_run_vms: AtomicBool,
 }
 
 impl FakeCloud {
@@ -143,6 +147,7 @@ impl Cloud for FakeCloud {
                 let vm = Vm {
                     fail_start: self.refusing_vms.load(Ordering::SeqCst),
                     start_runs_but_fails: self.flaky_start_vms.load(Ordering::SeqCst),
+                    stale_runs: self.stale_run_vms.load(Ordering::SeqCst),
                     ..Vm::default()
                 };
                 self.world
@@ -275,6 +280,8 @@ impl FakeExec {
                             id: id.clone(),
                             state: if exit.is_some() {
                                 RunState::Exited
+                            } else if vm.stale_runs {
+                                RunState::Stale
                             } else {
                                 RunState::Running
                             },
@@ -294,7 +301,8 @@ impl FakeExec {
                 }
                 ["start", forget @ ..] => {
                     for id in forget {
-                        if vm.runs.get(*id).is_some_and(|r| r.is_some()) {
+                        // A running one is refused, as the runner does.
+                        if vm.runs.get(*id).is_some_and(|r| r.is_some()) || vm.stale_runs {
                             vm.runs.remove(*id);
                         }
                     }
@@ -595,6 +603,29 @@ async fn an_instance_gone_from_the_listing_has_its_container_requeued() {
         c.dispatch_attempts == 1
             && c.state == ContainerState::Running
             && c.instance_id.as_deref() != Some(first.as_str())
+    })
+    .await;
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn runs_that_go_stale_cost_attempts_until_cancelled_and_are_forgotten() {
+    let rig = Rig::start_with(|c| c.stale_run_vms.store(true, Ordering::SeqCst));
+    let id = rig.submit();
+    rig.eventually("Cancelled", 5 * MINUTE, || {
+        rig.state(&id) == ContainerState::Cancelled
+    })
+    .await;
+    let c = rig.container(&id);
+    assert_eq!(c.dispatch_attempts, 3, "{c:?}");
+    // Each stale run directory was forgotten on its VM, so none is left listed.
+    rig.eventually("stale runs forgotten", MINUTE, || {
+        rig.world
+            .vms
+            .lock()
+            .expect("world")
+            .values()
+            .all(|vm| vm.runs.is_empty())
     })
     .await;
     rig.stop().await;
