@@ -494,16 +494,18 @@ impl Pool {
     /// Probes due now, paced by `max_probes_per_second`; each is marked in flight.
     pub fn due_probes(&mut self, now: Instant) -> Vec<ProbeJob> {
         let pace = Duration::from_secs_f64(1.0 / self.config.max_probes_per_second.max(0.001));
-        let mut due: Vec<&String> = self
+        let mut due: Vec<(Instant, &String)> = self
             .workers
             .iter()
             .filter(|(_, w)| {
                 !w.probing && w.status != WorkerStatus::Shutdown && now >= w.next_probe_at
             })
-            .map(|(id, _)| id)
+            .map(|(id, w)| (w.next_probe_at, id))
             .collect();
+        // Longest overdue first: when more are due than the pace allows, the ones left out
+        // come first next time (by ID alone, VMs failing often could starve the rest).
         due.sort();
-        let due: Vec<String> = due.into_iter().cloned().collect();
+        let due: Vec<String> = due.into_iter().map(|(_, id)| id.clone()).collect();
         let mut jobs = Vec::new();
         for id in due {
             if now < self.next_probe_slot {
@@ -541,9 +543,11 @@ impl Pool {
         if report.booted {
             w.booted = true;
         }
+        let mut refused = false;
         let effects = match report.list {
             Ok(list) => self.apply_run_list(id, started, list, now),
             Err(e) => {
+                refused = e.is_refusal();
                 let reason = e.to_string();
                 if e.is_refusal() && w.reason.as_deref() != Some(reason.as_str()) {
                     log::warn!("instance={id} not used: {reason}");
@@ -568,7 +572,10 @@ impl Pool {
         if let Some(w) = self.workers.get_mut(id) {
             // Probes of a VM with an event stream can be rare; one still booting (containers
             // wait for it) or whose stream is down (a probe reopens it) is looked at soon.
-            let delay = if !w.booted {
+            let delay = if refused {
+                // A refused key or runner does not fix itself in a second.
+                interval
+            } else if !w.booted {
                 interval.min(BOOTING_PROBE_INTERVAL)
             } else if !w.watching {
                 watch_retry(w.watch_failures, interval)
