@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use dispatch_cloud::queue::{Container, ContainerState, NewContainer, RuntimeConstraints};
-use system_tests::{HarnessOptions, ServeHarness};
+use system_tests::{cpu_seconds, HarnessOptions, ServeHarness};
 
 const VMS: usize = 8;
 
@@ -22,42 +22,6 @@ vcpus = 1
 ram = "2GiB"
 price = 0.01
 "#;
-
-/// Clock ticks of CPU (user + system) a process has used.
-fn cpu_ticks(pid: i32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 of /proc/PID/stat; 12 and 13 after the name.
-    field(11) + field(12)
-}
-
-fn ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc_sysconf_clk_tck() };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
-
-extern "C" {
-    #[link_name = "sysconf"]
-    fn sysconf(name: i32) -> i64;
-}
-
-/// `_SC_CLK_TCK` on Linux.
-unsafe fn libc_sysconf_clk_tck() -> i64 {
-    sysconf(2)
-}
 
 fn job(command: &str) -> NewContainer {
     NewContainer {
@@ -142,7 +106,7 @@ fn main() {
     let pid = h.pid().expect("serve runs");
     for round in 0..2 {
         let n = 1000;
-        let cpu_before = cpu_ticks(pid);
+        let cpu_before = cpu_seconds(pid);
         let began = Instant::now();
         let batch = client
             .submit_many(&vec![job("true"); n])
@@ -156,7 +120,7 @@ fn main() {
             std::thread::sleep(Duration::from_millis(20));
         }
         let wall = began.elapsed().as_secs_f64();
-        let cpu = (cpu_ticks(pid) - cpu_before) as f64 / ticks_per_second();
+        let cpu = cpu_seconds(pid) - cpu_before;
         let complete = batch
             .iter()
             .filter(|c| {

@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use dispatch_cloud::queue::{ContainerState, NewContainer, RuntimeConstraints};
-use system_tests::{rss_kib, HarnessOptions, ServeHarness};
+use system_tests::{cpu_seconds, rss_kib, HarnessOptions, ServeHarness};
 
 const TYPES: &str = r#"
 [[instance_types]]
@@ -20,21 +20,6 @@ vcpus = 1
 ram = "2GiB"
 price = 0.01
 "#;
-
-/// CPU seconds (user + system) a process has used.
-fn cpu_seconds(pid: i32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime, stime: fields 14 and 15, i.e. 12 and 13 after the command name; 100 ticks/s.
-    (field(11) + field(12)) as f64 / 100.0
-}
 
 fn long_job() -> NewContainer {
     NewContainer {

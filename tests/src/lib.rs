@@ -249,6 +249,27 @@ pub fn rss_kib(pid: i32) -> Option<u64> {
     status_kib(pid, "VmRSS:")
 }
 
+/// CPU seconds (user + system) a process has used, from `/proc/PID/stat`.
+pub fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name (which may hold spaces) start after the last ')';
+    // utime and stime are fields 14 and 15, i.e. 12 and 13 after the name.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<u64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    let ticks = fields.get(11).unwrap_or(&0) + fields.get(12).unwrap_or(&0);
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks as f64
+        / if per_second > 0 {
+            per_second as f64
+        } else {
+            100.0
+        }
+}
+
 /// The most resident memory a process ever had, in KiB.
 pub fn peak_rss_kib(pid: i32) -> Option<u64> {
     status_kib(pid, "VmHWM:")
