@@ -39,6 +39,7 @@
 //! * The loader checks all of this — the abi_stable header, the version, then the layout of
 //!   every type reachable from the root module — before any plugin code runs.
 
+pub mod backoff;
 pub mod error;
 pub mod export;
 pub mod ffi;

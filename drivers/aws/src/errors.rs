@@ -1,8 +1,8 @@
 //! EC2 error codes → typed driver errors, and the throttling back-off.
 
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
+pub use driver_abi::backoff::Backoff;
 use driver_abi::{CapacityScope, DriverError};
 
 use crate::ec2::ApiError;
@@ -65,27 +65,6 @@ pub fn is_subnet_specific(e: &ApiError) -> bool {
             && (message.contains(" subnet ") || message.contains("sufficient free ipv")))
 }
 
-/// Growing back-off for one kind of call: 1.5 × previous + 1 s, between 1 s and 60 s, reset by
-/// any answer that is not a throttle.
-#[derive(Default)]
-pub struct Backoff {
-    delay: Mutex<Duration>,
-}
-
-impl Backoff {
-    pub fn throttled(&self) -> Duration {
-        let mut d = self.delay.lock().unwrap_or_else(|p| p.into_inner());
-        let next = (d.mul_f64(1.5) + Duration::from_secs(1))
-            .clamp(Duration::from_secs(1), Duration::from_secs(60));
-        *d = next;
-        next
-    }
-
-    pub fn reset(&self) {
-        *self.delay.lock().unwrap_or_else(|p| p.into_inner()) = Duration::ZERO;
-    }
-}
-
 /// Classifies `e` from `action`; `instance_type` and `quota_group` name the capacity scope.
 pub fn classify(
     action: &str,
@@ -121,6 +100,7 @@ pub fn classify(
 mod tests {
     use super::*;
     use crate::ec2::parse_error;
+    use std::time::Duration;
 
     /// A real EC2 error body, as the Query API returns it.
     fn body(code: &str, message: &str) -> String {
