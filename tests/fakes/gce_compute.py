@@ -33,7 +33,8 @@ LABEL_FILTER_RE = re.compile(r'^\s*labels\.([a-z][-_a-z0-9]*)\s*=\s*"?([-_a-z0-9
 
 
 def fingerprint():
-    return base64.b64encode(secrets.token_bytes(8)).decode()
+    # GCE fingerprints are URL-safe base64 (e.g. "9lLhWxGZx-k="); the client decodes them so.
+    return base64.urlsafe_b64encode(secrets.token_bytes(8)).decode()
 
 
 def google_error(code, message, status=None, reason=None, details=None):
@@ -199,7 +200,11 @@ class Handler(BaseHTTPRequestHandler):
     # ---- OAuth ----------------------------------------------------------------------------
 
     def token(self, raw):
-        form = dict(urllib.parse.parse_qsl(raw.decode()))
+        # Google's token endpoint takes the grant as a form or as JSON; clients use both.
+        if self.headers.get("Content-Type", "").startswith("application/json"):
+            form = json.loads(raw or b"{}")
+        else:
+            form = dict(urllib.parse.parse_qsl(raw.decode()))
         ok = (
             form.get("grant_type") == "refresh_token"
             and form.get("client_id") == CLIENT_ID
@@ -237,6 +242,8 @@ class Handler(BaseHTTPRequestHandler):
                 s.races.add(arg["instance"])
                 return self.reply(200, {})
             if path == "/fake/instances" and method == "GET":
+                for op in list(s.operations.values()):
+                    op.settle()
                 return self.reply(200, [i for i in s.instances.values()])
         self.reply(404, {"error": "no such control"})
 

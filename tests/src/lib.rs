@@ -635,3 +635,127 @@ pub fn xml_value(xml: &str, tag: &str) -> Option<String> {
     let end = xml[start..].find(&format!("</{tag}>"))? + start;
     Some(xml[start..end].to_string())
 }
+
+/// The in-repo GCE Compute fake (`tests/fakes/gce_compute.py`, standard-library Python) on a
+/// free port of 127.0.0.1. It exits when its stdin closes, so even a test that dies without
+/// running `Drop` leaves nothing behind; `Drop` kills it as well.
+pub struct GceFake {
+    child: std::process::Child,
+    pub endpoint: String,
+}
+
+impl GceFake {
+    pub fn start() -> Self {
+        Self::start_with_delay(0.2)
+    }
+
+    /// `operation_delay`: seconds a zone operation takes from PENDING to DONE.
+    pub fn start_with_delay(operation_delay: f64) -> Self {
+        let script = workspace_root().join("tests/fakes/gce_compute.py");
+        let mut child = Command::new("python3")
+            .arg(&script)
+            .args(["--operation-delay", &operation_delay.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start python3 tests/fakes/gce_compute.py");
+        let stdout = child.stdout.take().expect("fake stdout");
+        let mut line = String::new();
+        let read = BufReader::new(stdout).read_line(&mut line);
+        match line.trim().strip_prefix("listening on ") {
+            Some(url) if read.is_ok() => GceFake {
+                child,
+                endpoint: url.to_string(),
+            },
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the GCE fake did not report its address: {line:?} {read:?}");
+            }
+        }
+    }
+
+    /// An `authorized_user` credentials file whose refresh token the fake's token endpoint
+    /// honours (`good = false`: one it refuses).
+    pub fn credentials_file(&self, dir: &Path, good: bool) -> PathBuf {
+        let refresh = if good {
+            "fake-refresh-token"
+        } else {
+            "revoked-token"
+        };
+        let json = serde_json::json!({
+            "type": "authorized_user",
+            "client_id": "fake-client-id.apps.googleusercontent.com",
+            "client_secret": "fake-client-secret",
+            "refresh_token": refresh,
+            "token_uri": format!("{}/token", self.endpoint),
+        });
+        let path = dir.join(if good {
+            "gce-credentials.json"
+        } else {
+            "gce-revoked.json"
+        });
+        std::fs::write(&path, json.to_string()).expect("write credentials");
+        path
+    }
+
+    fn control(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        match ureq::post(&format!("{}/fake/{path}", self.endpoint)).send_json(body) {
+            Ok(r) => r.into_json().expect("fake control reply"),
+            Err(e) => panic!("fake control {path}: {e}"),
+        }
+    }
+
+    /// Every Compute request so far: `method`, `path`, `query`, `body`, `authorized`, `status`.
+    pub fn requests(&self) -> Vec<serde_json::Value> {
+        match ureq::get(&format!("{}/fake/requests", self.endpoint)).call() {
+            Ok(r) => r.into_json().expect("request log"),
+            Err(e) => panic!("fake request log: {e}"),
+        }
+    }
+
+    /// Every instance the fake holds, in Compute's JSON form.
+    pub fn instances(&self) -> Vec<serde_json::Value> {
+        match ureq::get(&format!("{}/fake/instances", self.endpoint)).call() {
+            Ok(r) => r.into_json().expect("instances"),
+            Err(e) => panic!("fake instances: {e}"),
+        }
+    }
+
+    /// Queues a fault: the next call matching `method` and the `path` regex gets `fault`'s
+    /// `respond` (an HTTP answer) or an operation that ends with `operation_error`.
+    pub fn inject(&self, method: &str, path: &str, fault: serde_json::Value) {
+        let mut spec = serde_json::json!({"match": {"method": method, "path": path}});
+        if let (Some(spec), Some(fault)) = (spec.as_object_mut(), fault.as_object()) {
+            spec.extend(fault.clone());
+        }
+        self.control("inject", spec);
+    }
+
+    /// Publishes guest attributes (`namespace`, `key`, `value` items) for an instance.
+    pub fn guest_attributes(
+        &self,
+        project: &str,
+        zone: &str,
+        instance: &str,
+        items: serde_json::Value,
+    ) {
+        self.control(
+            "guest-attributes",
+            serde_json::json!({"project": project, "zone": zone, "instance": instance, "items": items}),
+        );
+    }
+
+    /// Another writer changes `instance`'s metadata right after its next read.
+    pub fn race_metadata(&self, instance: &str) {
+        self.control("race-metadata", serde_json::json!({"instance": instance}));
+    }
+}
+
+impl Drop for GceFake {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

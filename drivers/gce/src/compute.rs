@@ -47,6 +47,8 @@ pub enum CredentialsError {
 /// `gcloud auth application-default login` writes), else application-default credentials
 /// (`GOOGLE_APPLICATION_CREDENTIALS`, gcloud's file, then the metadata server on GCE).
 pub fn credentials(file: Option<&Path>) -> Result<Credentials, CredentialsError> {
+    // Building credentials starts background token refresh, which needs a runtime.
+    let _runtime = runtime().map_err(CredentialsError::Default)?.enter();
     let Some(path) = file else {
         return credentials::Builder::default()
             .with_scopes([COMPUTE_SCOPE])

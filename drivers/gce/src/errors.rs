@@ -10,6 +10,12 @@ use driver_abi::backoff::Backoff;
 use driver_abi::{CapacityScope, DriverError};
 use google_cloud_compute_v1::model::Operation;
 use google_cloud_gax::error::rpc::StatusDetails;
+use google_cloud_gax::error::CredentialsError;
+
+/// Our reasons for a token that could not be had: for good (a revoked refresh token, a
+/// deleted key) or for now (the token endpoint did not answer).
+const CREDENTIALS_REJECTED: &str = "CREDENTIALS_REJECTED";
+const CREDENTIALS_UNAVAILABLE: &str = "CREDENTIALS_UNAVAILABLE";
 
 /// What went wrong, in the terms the classifier needs.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -91,7 +97,27 @@ impl Failure {
         } else if let Some(body) = e.http_payload() {
             f.message = String::from_utf8_lossy(body).chars().take(500).collect();
         } else {
-            f.message = e.to_string();
+            // The whole chain: the top message alone rarely says what failed.
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(inner) = source {
+                message.push_str(&format!(": {inner}"));
+                source = inner.source();
+            }
+            f.message = message;
+        }
+        if e.is_authentication() {
+            let transient = std::error::Error::source(e)
+                .and_then(|s| s.downcast_ref::<CredentialsError>())
+                .is_some_and(|c| c.is_transient());
+            f.reasons.push(
+                if transient {
+                    CREDENTIALS_UNAVAILABLE
+                } else {
+                    CREDENTIALS_REJECTED
+                }
+                .into(),
+            );
         }
         if f.retry_after.is_none() {
             f.retry_after = e
@@ -238,6 +264,11 @@ pub fn classify(
     }
     if f.is_zone_specific() {
         return DriverError::capacity(CapacityScope::InstanceType(instance_type.to_string()), text);
+    }
+    if f.has_reason(&[CREDENTIALS_REJECTED]) {
+        return DriverError::invalid_config(format!(
+            "{text} (check credentials_file, or the application-default credentials)"
+        ));
     }
     match f.http_status {
         Some(401) => {

@@ -792,7 +792,7 @@ mod tests {
                 "endpoint",
             ),
         ] {
-            let err = parse(bad).err().expect(named);
+            let err = parse(bad).expect_err(named);
             assert_eq!(err.kind(), "invalid_config");
             assert!(err.to_string().contains(named), "{named}: {err}");
         }
