@@ -162,6 +162,8 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if path == "/token" and method == "POST":
                 return self.token(raw)
+            if path.startswith("/computeMetadata/v1/"):
+                return self.metadata_server(path)
             if path.startswith("/fake/"):
                 return self.control(method, path, raw)
             if path.startswith("/compute/v1/"):
@@ -221,6 +223,25 @@ class Handler(BaseHTTPRequestHandler):
             self.state.tokens.add(token)
         self.reply(200, {"access_token": token, "expires_in": 3599, "token_type": "Bearer",
                          "scope": form.get("scope", "")})
+
+    def metadata_server(self, path):
+        """The GCE metadata server's token, as a VM's default service account gets it."""
+        if self.headers.get("Metadata-Flavor") != "Google":
+            return self.reply(403, {"error": "Missing Metadata-Flavor:Google header."})
+        if path == "/computeMetadata/v1/instance/service-accounts/default/token":
+            token = "ya29.fake-mds-" + secrets.token_urlsafe(24)
+            with self.state.lock:
+                self.state.tokens.add(token)
+            return self.reply(200, {"access_token": token, "expires_in": 3599, "token_type": "Bearer"})
+        if path == "/computeMetadata/v1/universe/universe-domain":
+            data = b"googleapis.com"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/text")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return None
+        return self.reply(404, {"error": "no such metadata path"})
 
     # ---- test controls --------------------------------------------------------------------
 

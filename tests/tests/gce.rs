@@ -646,6 +646,59 @@ fn bad_parameters_and_credentials_are_named() {
 }
 
 #[test]
+fn without_a_credentials_file_the_metadata_server_supplies_tokens() {
+    let fake = GceFake::start();
+    let dir = tempfile::tempdir().expect("tmp");
+    let credentials = fake.credentials_file(dir.path(), true);
+    let catalogue = catalogue_text(
+        &fake,
+        &credentials,
+        &[("mds", "zzzzz-zzzzz-gcemetadatasrv0", "")],
+    )
+    .replace(
+        &format!(
+            "credentials_file = {:?}\n",
+            credentials.display().to_string()
+        ),
+        "",
+    );
+    assert!(!catalogue.contains("credentials_file"));
+    let file = write_plugins_toml(dir.path(), &catalogue);
+    // As on a GCE VM: no key file, no gcloud configuration, a metadata server.
+    let home = tempfile::tempdir().expect("empty home");
+    let out = std::process::Command::new(built("dispatch-cloud"))
+        .args([
+            "driver-test",
+            "--plugins",
+            file.to_str().expect("utf8"),
+            "--instance-set",
+            "mds",
+            "--instance-type",
+            "e2-small",
+            "--image",
+            IMAGE,
+            "--skip-ssh",
+        ])
+        .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
+        .env("HOME", home.path())
+        .env("CLOUDSDK_CONFIG", home.path().join("gcloud"))
+        .env(
+            "GCE_METADATA_HOST",
+            fake.endpoint.trim_start_matches("http://"),
+        )
+        .output()
+        .expect("run driver-test");
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let requests = fake.requests();
+    assert!(!requests.is_empty());
+    assert!(
+        requests.iter().all(|r| r["authorized"] == true),
+        "{requests:?}"
+    );
+}
+
+#[test]
 fn plugins_lists_gce_beside_aws_and_loopback() {
     let dir = tempfile::tempdir().expect("tmp");
     let mut body = String::new();

@@ -23,6 +23,9 @@ fn runtime() -> Result<&'static tokio::runtime::Runtime, String> {
     static RUNTIME: OnceLock<Result<tokio::runtime::Runtime, String>> = OnceLock::new();
     RUNTIME
         .get_or_init(|| {
+            // The client library leaves the TLS provider to the application (see Cargo.toml),
+            // and HTTP clients are built as early as the credentials: install it first.
+            let _ = rustls::crypto::ring::default_provider().install_default();
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .thread_name("gce-driver")
@@ -94,9 +97,6 @@ impl Compute {
         project: &str,
         request_timeout: Duration,
     ) -> Result<Compute, String> {
-        // The client library leaves the TLS provider to the application (see Cargo.toml). A
-        // second install (another set) fails harmlessly.
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let rt = runtime()?;
         let (instances, operations) = rt.block_on(async {
             // The host paces and retries failed calls itself, with its own back-off; a client
