@@ -8,13 +8,16 @@ token endpoint (refresh-token grant) whose bearer tokens every Compute call must
 Test-only controls live under /fake/: injected errors, a request log, guest attributes, a
 metadata writer racing the next read, the operation delay. Standard library only.
 
-Usage: gce_compute.py [--operation-delay SECONDS]
+Usage: gce_compute.py [--operation-delay SECONDS] [--service-account-public FILE]
+(FILE: {"client_email", "n" (hex), "e"}: whose self-signed RS256 JWTs are accepted as bearer
+tokens, as Google accepts them from service-account keys.)
 Prints "listening on http://127.0.0.1:PORT" once ready. Exits when its stdin closes, so it
 never outlives the test that started it.
 """
 
 import argparse
 import base64
+import hashlib
 import json
 import os
 import re
@@ -49,8 +52,37 @@ def google_error(code, message, status=None, reason=None, details=None):
     return {"error": body}
 
 
+def b64url(text):
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+# DER of the DigestInfo prefix for SHA-256 in an RSASSA-PKCS1-v1_5 signature (RFC 8017 9.2).
+SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+
+
+def jwt_valid(token, account):
+    """Checks a self-signed RS256 JWT from a service-account key: signature, issuer, expiry."""
+    try:
+        head, body, sig = token.split(".")
+        header = json.loads(b64url(head))
+        claims = json.loads(b64url(body))
+        if header.get("alg") != "RS256" or claims.get("iss") != account["client_email"]:
+            return False
+        if not claims.get("exp", 0) > time.time():
+            return False
+        n, e = int(account["n"], 16), int(account["e"])
+        k = (n.bit_length() + 7) // 8
+        em = pow(int.from_bytes(b64url(sig), "big"), e, n).to_bytes(k, "big")
+        digest = hashlib.sha256((head + "." + body).encode()).digest()
+        expected = b"\x00\x01" + b"\xff" * (k - 3 - len(SHA256_DIGEST_INFO) - 32) + b"\x00" + SHA256_DIGEST_INFO + digest
+        return em == expected
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
 class State:
-    def __init__(self, operation_delay):
+    def __init__(self, operation_delay, service_account=None):
+        self.service_account = service_account
         self.lock = threading.Condition()
         self.operation_delay = operation_delay
         self.tokens = set()
@@ -175,7 +207,9 @@ class Handler(BaseHTTPRequestHandler):
                 token = auth[len("Bearer "):] if auth.startswith("Bearer ") else ""
                 s = self.state
                 with s.lock:
-                    authorized = token in s.tokens
+                    authorized = token in s.tokens or (
+                        s.service_account is not None and token.count(".") == 2
+                        and jwt_valid(token, s.service_account))
                     self.entry = {
                         "method": method,
                         "path": path,
@@ -288,6 +322,13 @@ class Handler(BaseHTTPRequestHandler):
     def compute(self, method, rest, query, body):
         s = self.state
         parts = rest.split("/")
+        if len(parts) == 4 and parts[0] == "projects" and parts[2:] == ["aggregated", "instances"] and method == "GET":
+            with s.lock:
+                fault = self.injected_for(method, "/" + rest)
+                if fault and "respond" in fault:
+                    r = fault["respond"]
+                    return self.reply(r["status"], r["body"], r.get("headers"))
+                return self.aggregated(parts[1], query)
         # projects/{p}/zones/{z}/{collection}[/{name}[/{verb}]]
         if len(parts) < 5 or parts[0] != "projects" or parts[2] != "zones":
             return self.reply(404, google_error(404, "The resource '%s' was not found" % rest,
@@ -395,18 +436,62 @@ class Handler(BaseHTTPRequestHandler):
 
         self.start(project, zone, "insert", body["name"], effect, op_error)
 
-    def list(self, project, zone, query):
-        s = self.state
+    def label_filter(self, query):
+        """The (key, value) pairs of a `labels.KEY = "VALUE" [AND …]` filter; None if invalid."""
         wanted = []
         text = query.get("filter", "").strip()
         if text:
             for clause in re.split(r"\s+AND\s+", text):
                 m = LABEL_FILTER_RE.match(clause.strip("() "))
                 if not m:
-                    return self.reply(400, google_error(
-                        400, "Invalid list filter expression '%s'." % text,
-                        "INVALID_ARGUMENT", "invalid"))
+                    return None
                 wanted.append((m.group(1), m.group(2)))
+        return wanted
+
+    def page_of(self, matching, query):
+        """One page of `matching` and the token of the next (None on the last page)."""
+        page_size = min(int(query.get("maxResults") or 500), 500)
+        token = query.get("pageToken", "")
+        start = int(token) if token.isdigit() else 0
+        page = matching[start:start + page_size]
+        following = str(start + page_size) if start + page_size < len(matching) else None
+        return page, following
+
+    def aggregated(self, project, query):
+        s = self.state
+        wanted = self.label_filter(query)
+        if wanted is None or (query.get("pageToken") and not query["pageToken"].isdigit()):
+            return self.reply(400, google_error(400, "Invalid list filter or page token.", "INVALID_ARGUMENT", "invalid"))
+        for op in list(s.operations.values()):
+            op.settle()
+        matching = [
+            (z, i) for (p, z, _), i in sorted(s.instances.items())
+            if p == project and all((i.get("labels") or {}).get(k) == v for k, v in wanted)
+        ]
+        page, following = self.page_of(matching, query)
+        items = {}
+        for zone, instance in page:
+            items.setdefault("zones/" + zone, {"instances": []})["instances"].append(instance)
+        # Like GCE: scopes without results carry a warning instead of instances.
+        items.setdefault("regions/us-central1", {"warning": {
+            "code": "NO_RESULTS_ON_PAGE",
+            "message": "There are no results for scope 'regions/us-central1' on this page.",
+            "data": [{"key": "scope", "value": "regions/us-central1"}]}})
+        out = {
+            "kind": "compute#instanceAggregatedList",
+            "id": "projects/%s/aggregated/instances" % project,
+            "items": items,
+            "selfLink": "https://www.googleapis.com/compute/v1/projects/%s/aggregated/instances" % project,
+        }
+        if following:
+            out["nextPageToken"] = following
+        self.reply(200, out)
+
+    def list(self, project, zone, query):
+        s = self.state
+        wanted = self.label_filter(query)
+        if wanted is None or (query.get("pageToken") and not query["pageToken"].isdigit()):
+            return self.reply(400, google_error(400, "Invalid list filter or page token.", "INVALID_ARGUMENT", "invalid"))
         for op in list(s.operations.values()):
             op.settle()
         matching = [
@@ -414,19 +499,15 @@ class Handler(BaseHTTPRequestHandler):
             if p == project and z == zone
             and all((i.get("labels") or {}).get(k) == v for k, v in wanted)
         ]
-        page_size = min(int(query.get("maxResults") or 500), 500)
-        start = int(query.get("pageToken") or 0) if query.get("pageToken", "").isdigit() else 0
-        if query.get("pageToken") and not query["pageToken"].isdigit():
-            return self.reply(400, google_error(400, "Invalid page token.", "INVALID_ARGUMENT", "invalid"))
-        page = matching[start:start + page_size]
+        page, following = self.page_of(matching, query)
         out = {
             "kind": "compute#instanceList",
             "id": "projects/%s/zones/%s/instances" % (project, zone),
             "items": page,
             "selfLink": "https://www.googleapis.com/compute/v1/projects/%s/zones/%s/instances" % (project, zone),
         }
-        if start + page_size < len(matching):
-            out["nextPageToken"] = str(start + page_size)
+        if following:
+            out["nextPageToken"] = following
         self.reply(200, out)
 
     def get(self, key):
@@ -501,8 +582,13 @@ class Handler(BaseHTTPRequestHandler):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--operation-delay", type=float, default=0.3)
+    ap.add_argument("--service-account-public")
     args = ap.parse_args()
-    Handler.state = State(args.operation_delay)
+    account = None
+    if args.service_account_public:
+        with open(args.service_account_public) as f:
+            account = json.load(f)
+    Handler.state = State(args.operation_delay, account)
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()

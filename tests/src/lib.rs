@@ -645,16 +645,15 @@ pub struct GceFake {
 }
 
 impl GceFake {
+    /// Zone operations take 0.2 s from PENDING to DONE; the test service account's JWTs
+    /// (`service_account_file`) are accepted.
     pub fn start() -> Self {
-        Self::start_with_delay(0.2)
-    }
-
-    /// `operation_delay`: seconds a zone operation takes from PENDING to DONE.
-    pub fn start_with_delay(operation_delay: f64) -> Self {
         let script = workspace_root().join("tests/fakes/gce_compute.py");
+        let account = workspace_root().join("tests/fixtures/gce/service-account-public.json");
         let mut child = Command::new("python3")
             .arg(&script)
-            .args(["--operation-delay", &operation_delay.to_string()])
+            .args(["--operation-delay", "0.2", "--service-account-public"])
+            .arg(&account)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
@@ -698,6 +697,11 @@ impl GceFake {
         });
         std::fs::write(&path, json.to_string()).expect("write credentials");
         path
+    }
+
+    /// A service-account key file (a test-only key) whose self-signed JWTs the fake accepts.
+    pub fn service_account_file(&self) -> PathBuf {
+        workspace_root().join("tests/fixtures/gce/service-account.json")
     }
 
     fn control(&self, path: &str, body: serde_json::Value) -> serde_json::Value {

@@ -165,7 +165,19 @@ fn the_real_so_passes_driver_test_against_the_fake() {
     }
     // Every Compute call carried a bearer token from the fake's token endpoint.
     let requests = fake.requests();
-    assert!(requests.len() >= 6, "{requests:?}");
+    for (method, suffix) in [
+        ("GET", "/aggregated/instances"),
+        ("POST", "/zones/us-central1-a/instances"),
+        ("POST", "/wait"),
+        ("POST", "/setMetadata"),
+        ("DELETE", ""),
+    ] {
+        assert!(
+            requests.iter().any(|r| r["method"] == method
+                && r["path"].as_str().is_some_and(|p| p.ends_with(suffix))),
+            "no {method} …{suffix}: {requests:?}"
+        );
+    }
     assert!(
         requests.iter().all(|r| r["authorized"] == true),
         "{requests:?}"
@@ -199,12 +211,13 @@ fn sets_see_only_their_own_instances_and_listings_page() {
         .iter()
         .all(|i| !listed_a.iter().any(|j| j.id() == i.id())));
 
-    // Server-side label filter, in pages of 5 with the token handed back.
-    let lists = s.calls("GET", "/zones/us-central1-a/instances");
+    // One aggregated listing over all zones, label-filtered server-side, in pages of 5 with
+    // the token handed back.
+    let lists = s.calls("GET", "/aggregated/instances");
     let of_a: Vec<&Value> = lists
         .iter()
         .filter(|r| {
-            r["query"]["filter"] == "labels.dispatch-cloud-set = \"zzzzz-zzzzz-gceseta00000000\""
+            r["query"]["filter"] == "labels.dispatch_cloud_set = \"zzzzz-zzzzz-gceseta00000000\""
         })
         .collect();
     assert_eq!(of_a.len(), 3, "12 in pages of 5: {of_a:?}");
@@ -323,7 +336,7 @@ fn what_create_sends_spot_startup_script_ssh_keys_labels_and_tags() {
     assert_eq!(metadata_item(sent, "enable-guest-attributes"), Some("TRUE"));
     assert_eq!(metadata_item(sent, "dc-tag-purpose"), Some("test"));
     assert_eq!(
-        sent["labels"]["dispatch-cloud-set"],
+        sent["labels"]["dispatch_cloud_set"],
         "zzzzz-zzzzz-gceshape0000000"
     );
     assert_eq!(sent["labels"]["team"], "genomics");
@@ -450,6 +463,7 @@ fn host_keys_are_checked_against_guest_attributes() {
         .expect_err("another key is refused");
     assert!(refused.to_string().contains("not the one"), "{refused}");
     let queried = s.calls("GET", "/getGuestAttributes");
+    assert_eq!(queried.len(), 3, "{queried:?}");
     assert!(queried
         .iter()
         .all(|r| r["query"]["queryPath"] == "hostkeys/"));
@@ -470,7 +484,8 @@ fn every_error_mapping_reaches_the_host_typed() {
     let s = Setup::new(&[("e", "zzzzz-zzzzz-gceerrors000000", "")]);
     let set = s.open("e");
     let create = || set.create(&request(InstanceType::minimal("n2-standard-8"), None));
-    let list = "/zones/us-central1-a/instances$";
+    let list = "/aggregated/instances$";
+    let insert = "/zones/us-central1-a/instances$";
 
     // 429 with a retry hint: held off at least that long.
     s.fake.inject(
@@ -500,13 +515,13 @@ fn every_error_mapping_reaches_the_host_typed() {
     // Quotas: shared, and per family.
     s.fake.inject(
         "POST",
-        list,
+        insert,
         json!({"operation_error": {"httpErrorStatusCode": 403, "errors": [{"code": "QUOTA_EXCEEDED", "message": "Quota 'CPUS' exceeded.  Limit: 24.0 in region us-central1.", "errorDetails": [{"quotaInfo": {"metricName": "compute.googleapis.com/cpus", "limitName": "CPUS-per-project-region", "limit": 24}}]}]}}),
     );
     assert_eq!(create().err().expect("quota").kind(), "quota");
     s.fake.inject(
         "POST",
-        list,
+        insert,
         json!({"operation_error": {"httpErrorStatusCode": 403, "errors": [{"code": "QUOTA_EXCEEDED", "message": "Quota 'N2_CPUS' exceeded.  Limit: 8.0 in region us-central1.", "errorDetails": [{"quotaInfo": {"metricName": "compute.googleapis.com/n2_cpus", "limitName": "N2-CPUS-per-project-region", "limit": 8}}]}]}}),
     );
     match create() {
@@ -516,11 +531,12 @@ fn every_error_mapping_reaches_the_host_typed() {
         }) => assert_eq!(g, "n2"),
         other => panic!("{:?}", other.map(|i| i.id())),
     }
-    // A machine type this zone does not have.
+    // A machine type this zone does not have (GCE's 400 for it).
+    let missing = "Invalid value for field 'resource.machineType': 'zones/us-central1-a/machineTypes/n2-standard-8'. Machine type with name 'n2-standard-8' does not exist in zone 'us-central1-a'.";
     s.fake.inject(
         "POST",
-        list,
-        json!({"respond": {"status": 404, "body": {"error": {"code": 404, "message": "The resource 'projects/dispatch-test/zones/us-central1-a/machineTypes/n2-standard-8' was not found", "errors": [{"message": "The resource 'projects/dispatch-test/zones/us-central1-a/machineTypes/n2-standard-8' was not found", "domain": "global", "reason": "notFound"}]}}}}),
+        insert,
+        json!({"respond": {"status": 400, "body": {"error": {"code": 400, "message": missing, "errors": [{"message": missing, "domain": "global", "reason": "invalid"}]}}}}),
     );
     match create() {
         Err(DriverError::Capacity {
@@ -546,7 +562,7 @@ fn every_error_mapping_reaches_the_host_typed() {
     ] {
         s.fake.inject(
             "POST",
-            list,
+            insert,
             json!({"respond": {"status": 404, "body": {"error": {"code": 404, "message": message, "errors": [{"message": message, "domain": "global", "reason": "notFound"}]}}}}),
         );
         let e = create().err().expect("config error");
@@ -556,7 +572,7 @@ fn every_error_mapping_reaches_the_host_typed() {
     // A server error is just an error, for the host to retry later.
     s.fake.inject(
         "POST",
-        list,
+        insert,
         json!({"respond": {"status": 503, "body": {"error": {"code": 503, "message": "The service is currently unavailable.", "status": "UNAVAILABLE"}}}}),
     );
     assert_eq!(create().err().expect("5xx").kind(), "other");
@@ -642,6 +658,33 @@ fn bad_parameters_and_credentials_are_named() {
         stdout.contains("FAIL initialize the instance set") && stdout.contains("credentials_file"),
         "{stdout}\n{}",
         text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_service_account_key_signs_its_own_tokens() {
+    let fake = GceFake::start();
+    let dir = tempfile::tempdir().expect("tmp");
+    let key = fake.service_account_file();
+    let file = write_plugins_toml(
+        dir.path(),
+        &catalogue_text(&fake, &key, &[("sa", "zzzzz-zzzzz-gceserviceacct0", "")]),
+    );
+    let catalogue = Catalogue::load(&file).expect("catalogue");
+    let loaded = plugin::load(catalogue.plugin("gce").expect("entry")).expect("load");
+    let set = loaded
+        .new_instance_set(catalogue.instance_set("sa").expect("set"), &Tags::new())
+        .expect("instance set");
+    let vm = set
+        .create(&request(InstanceType::minimal("e2-small"), None))
+        .expect("create with a key's own JWTs");
+    assert_eq!(set.instances(&Tags::new()).expect("list").len(), 1);
+    vm.destroy().expect("destroy");
+    let requests = fake.requests();
+    assert!(requests.len() >= 4, "{requests:?}");
+    assert!(
+        requests.iter().all(|r| r["authorized"] == true),
+        "{requests:?}"
     );
 }
 

@@ -130,25 +130,43 @@ impl Compute {
         &self,
         call: impl Future<Output = google_cloud_gax::Result<T>>,
     ) -> Result<T, Failure> {
-        let rt = runtime().map_err(Failure::local)?;
+        self.call_within(self.request_timeout, call)
+            .map_err(|timeout| timeout.unwrap_or_else(|| self.timed_out(self.request_timeout)))
+    }
+
+    fn timed_out(&self, limit: Duration) -> Failure {
+        Failure::local(format!(
+            "no answer within {limit:?} (request_timeout_seconds)"
+        ))
+    }
+
+    /// `Err(None)` when `limit` passed first.
+    fn call_within<T>(
+        &self,
+        limit: Duration,
+        call: impl Future<Output = google_cloud_gax::Result<T>>,
+    ) -> Result<T, Option<Failure>> {
+        let rt = runtime().map_err(|e| Some(Failure::local(e)))?;
         rt.block_on(async {
-            match tokio::time::timeout(self.request_timeout, call).await {
+            match tokio::time::timeout(limit, call).await {
                 Ok(Ok(v)) => Ok(v),
-                Ok(Err(e)) => Err(Failure::from_gax(&e)),
-                Err(_) => Err(Failure::local(format!(
-                    "no answer within {:?} (request_timeout_seconds)",
-                    self.request_timeout
-                ))),
+                Ok(Err(e)) => Err(Some(Failure::from_gax(&e))),
+                Err(_) => Err(None),
             }
         })
     }
 
-    /// Waits for `op` in `zone` to finish (`zoneOperations.wait`, which returns when the
-    /// operation is done or after a while), and returns its failure if it failed.
+    /// Waits for `op` in `zone` to finish, and returns its failure if it failed.
+    /// `zoneOperations.wait` answers when the operation is done or after up to two minutes;
+    /// a wait that takes longer than that is asked again, one that answers early and undone
+    /// is followed by a pause, so a slow operation is neither cut short nor hammered.
     pub fn wait(&self, zone: &str, mut op: Operation, limit: Duration) -> Result<(), Failure> {
+        const LONGEST_WAIT: Duration = Duration::from_secs(130);
+        const POLL_GAP: Duration = Duration::from_secs(1);
         let deadline = Instant::now() + limit;
         while op.status != Some(operation::Status::Done) {
-            if Instant::now() >= deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return Err(Failure::local(format!(
                     "operation {} in {zone} not done after {limit:?} (operation_timeout_seconds)",
                     op.name.as_deref().unwrap_or("?")
@@ -158,14 +176,27 @@ impl Compute {
                 .name
                 .clone()
                 .ok_or_else(|| Failure::local("the operation has no name"))?;
-            op = self.call(
+            let asked = Instant::now();
+            let answer = self.call_within(
+                LONGEST_WAIT.max(self.request_timeout).min(left),
                 self.operations
                     .wait()
                     .set_project(&self.project)
                     .set_zone(zone)
                     .set_operation(name)
                     .send(),
-            )?;
+            );
+            match answer {
+                Ok(next) => op = next,
+                Err(None) => continue,
+                Err(Some(f)) => return Err(f),
+            }
+            let early = asked.elapsed() < POLL_GAP;
+            if op.status != Some(operation::Status::Done) && early {
+                if let Ok(rt) = runtime() {
+                    rt.block_on(tokio::time::sleep(POLL_GAP.min(left)));
+                }
+            }
         }
         match Failure::from_operation(&op) {
             Some(f) => Err(f),

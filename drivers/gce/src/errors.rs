@@ -172,9 +172,10 @@ impl Failure {
         self.reasons.iter().any(|r| wanted.contains(&r.as_str()))
     }
 
-    /// The family-CPU quota this failure names (`n2` for `N2_CPUS` or
-    /// `compute.googleapis.com/n2_cpus`); `None` for a shared quota (`CPUS`, `INSTANCES`).
-    fn family_cpu_quota(&self) -> Option<String> {
+    /// Whether the exceeded quota covers only some machine types: a family's CPUs (`N2_CPUS`,
+    /// `compute.googleapis.com/n2_cpus`), Spot CPUs (`PREEMPTIBLE_CPUS`), GPUs
+    /// (`NVIDIA_T4_GPUS`). The region's `CPUS`, `INSTANCES` and addresses cover everything.
+    fn is_scoped_quota(&self) -> bool {
         let mut names: Vec<String> = self.quota_metrics.clone();
         // "Quota 'N2_CPUS' exceeded.  Limit: 24.0 in region us-central1."
         names.extend(
@@ -184,15 +185,16 @@ impl Failure {
                 .step_by(2)
                 .map(String::from),
         );
-        names.into_iter().find_map(|name| {
-            let base = name.rsplit('/').next().unwrap_or(&name).to_lowercase();
-            let base = base.replace('-', "_");
-            let family = base
-                .strip_suffix("_cpus")
-                .or_else(|| base.split("_cpus_").next().filter(|b| *b != base))?;
-            let family = family.strip_prefix("preemptible_").unwrap_or(family);
-            (!family.is_empty() && family != "preemptible" && family != "cpus")
-                .then(|| family.to_string())
+        names.iter().any(|name| {
+            let base = name
+                .rsplit('/')
+                .next()
+                .unwrap_or(name)
+                .to_lowercase()
+                .replace('-', "_");
+            let family_cpus = base.ends_with("_cpus") || base.contains("_cpus_per_");
+            let shared_cpus = base == "cpus" || base.starts_with("cpus_");
+            (family_cpus && !shared_cpus) || base.contains("_gpus")
         })
     }
 
@@ -207,9 +209,13 @@ impl Failure {
     fn is_machine_type_missing(&self) -> bool {
         let missing = self.has_reason(&["RESOURCE_NOT_FOUND", "notFound", "NOT_FOUND"])
             || self.http_status == Some(404);
-        missing && self.message.contains("machineTypes/")
+        // GCE also answers 400 invalid: "… Machine type with name 'T' does not exist in zone 'Z'."
+        (missing && self.message.contains("machineTypes/"))
+            || self.message.contains("does not exist in zone")
     }
 
+    // The client library keeps the legacy `errors[].reason` only when the body has no
+    // `details`, so the message is checked too.
     fn is_rate_limit(&self) -> bool {
         self.http_status == Some(429)
             || self.has_reason(&[
@@ -217,15 +223,24 @@ impl Failure {
                 "userRateLimitExceeded",
                 "RATE_LIMIT_EXCEEDED",
             ])
+            || self.message.to_lowercase().contains("rate limit exceeded")
     }
 
     fn is_quota(&self) -> bool {
+        let named = self.message.contains("Quota '") && self.message.contains("exceeded");
         self.has_reason(&["QUOTA_EXCEEDED", "quotaExceeded"])
-            || (self.has_reason(&["RESOURCE_EXHAUSTED"]) && self.message.contains("Quota"))
+            || ((self.has_reason(&["RESOURCE_EXHAUSTED"]) || self.http_status == Some(403))
+                && named)
+    }
+
+    fn is_permission(&self) -> bool {
+        self.has_reason(&["PERMISSION_DENIED", "forbidden", "insufficientPermissions"])
+            || self.message.contains("permission")
     }
 }
 
-/// Resources a 400/403/404 can name, most specific first, and the parameter that names them.
+/// What an `instances.insert` refused for a 400/404 names, most specific first, and the
+/// parameter that names it.
 const CONFIG_RESOURCES: &[(&str, &str)] = &[
     ("/subnetworks/", "subnetwork"),
     ("/networks/", "network"),
@@ -236,9 +251,30 @@ const CONFIG_RESOURCES: &[(&str, &str)] = &[
     ("/diskTypes/", "boot_disk_type / scratch_disk_type"),
     ("serviceAccount", "service_account"),
     ("service account", "service_account"),
-    ("/zones/", "zones"),
-    ("projects/", "project"),
+    ("Unknown zone", "zones"),
 ];
+
+/// The parameter an insert's 400/404 points at; `project` for a project that is not there.
+fn config_parameter(message: &str) -> Option<&'static str> {
+    if let Some((_, param)) = CONFIG_RESOURCES.iter().find(|(m, _)| message.contains(m)) {
+        return Some(param);
+    }
+    // "The resource 'projects/nope' was not found": the project alone.
+    let project_only = message
+        .split('\'')
+        .nth(1)
+        .is_some_and(|r| r.starts_with("projects/") && r.matches('/').count() == 1);
+    if project_only {
+        return Some("project");
+    }
+    if message.contains("/zones/")
+        && message.contains("was not found")
+        && !message.contains("/instances/")
+    {
+        return Some("zones");
+    }
+    None
+}
 
 /// Classifies a failure of `call`; `instance_type` and `quota_group` name the capacity scope.
 pub fn classify(
@@ -255,38 +291,29 @@ pub fn classify(
     }
     backoff.reset();
     if f.is_quota() {
-        return match f.family_cpu_quota() {
-            Some(_) if !quota_group.is_empty() => {
-                DriverError::capacity(CapacityScope::QuotaGroup(quota_group.to_string()), text)
-            }
-            _ => DriverError::quota(text),
+        return if f.is_scoped_quota() && !quota_group.is_empty() {
+            DriverError::capacity(CapacityScope::QuotaGroup(quota_group.to_string()), text)
+        } else {
+            DriverError::quota(text)
         };
     }
     if f.is_zone_specific() {
         return DriverError::capacity(CapacityScope::InstanceType(instance_type.to_string()), text);
     }
-    if f.has_reason(&[CREDENTIALS_REJECTED]) {
+    if f.has_reason(&[CREDENTIALS_REJECTED]) || f.http_status == Some(401) {
         return DriverError::invalid_config(format!(
             "{text} (check credentials_file, or the application-default credentials)"
         ));
     }
-    match f.http_status {
-        Some(401) => {
-            return DriverError::invalid_config(format!(
-                "{text} (check credentials_file, or the application-default credentials)"
-            ))
+    if f.http_status == Some(403) && f.is_permission() {
+        return DriverError::invalid_config(format!(
+            "{text} (check the credentials' roles in project)"
+        ));
+    }
+    if call.starts_with("instances.insert") && matches!(f.http_status, Some(400 | 404)) {
+        if let Some(param) = config_parameter(&f.message) {
+            return DriverError::invalid_config(format!("{text} (check {param})"));
         }
-        Some(400 | 403 | 404) => {
-            if let Some((_, param)) = CONFIG_RESOURCES.iter().find(|(m, _)| f.message.contains(m)) {
-                return DriverError::invalid_config(format!("{text} (check {param})"));
-            }
-            if f.http_status == Some(403) {
-                return DriverError::invalid_config(format!(
-                    "{text} (check the credentials' permissions on project)"
-                ));
-            }
-        }
-        _ => {}
     }
     DriverError::other(text)
 }
@@ -399,7 +426,14 @@ mod tests {
         let bare = op(
             r#"{"name":"operation-3","status":"DONE","error":{"errors":[{"code":"QUOTA_EXCEEDED","message":"Quota 'C2_CPUS' exceeded.  Limit: 0.0 in region europe-west4."}]}}"#,
         );
-        assert_eq!(bare.family_cpu_quota().as_deref(), Some("c2"));
+        assert!(bare.is_scoped_quota());
+        // Spot CPUs and GPUs limit only the types that use them.
+        for name in ["PREEMPTIBLE_CPUS", "NVIDIA_T4_GPUS"] {
+            let scoped = op(&format!(
+                r#"{{"name":"operation-9","status":"DONE","error":{{"errors":[{{"code":"QUOTA_EXCEEDED","message":"Quota '{name}' exceeded.  Limit: 0.0 in region us-east1."}}]}}}}"#
+            ));
+            assert_eq!(kind_of(&scoped).kind(), "capacity", "{name}");
+        }
         let instances = op(
             r#"{"name":"operation-4","status":"DONE","error":{"errors":[{"code":"QUOTA_EXCEEDED","message":"Quota 'INSTANCES' exceeded.  Limit: 100.0 in region us-central1."}]}}"#,
         );
@@ -408,7 +442,11 @@ mod tests {
             403,
             r#"{"error":{"code":403,"message":"Quota 'PREEMPTIBLE_CPUS' exceeded.  Limit: 0.0 in region us-east1.","errors":[{"message":"Quota 'PREEMPTIBLE_CPUS' exceeded.","domain":"usageLimits","reason":"quotaExceeded"}]}}"#,
         );
-        assert_eq!(kind_of(&http_quota).kind(), "quota");
+        assert_eq!(
+            kind_of(&http_quota).kind(),
+            "capacity",
+            "Spot CPUs: the group"
+        );
     }
 
     #[test]
@@ -441,14 +479,15 @@ mod tests {
     #[test]
     fn configuration_errors_name_the_parameter() {
         let cases = [
-            (401, "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or other valid authentication credential.", "UNAUTHENTICATED", "credentials_file"),
-            (404, "The resource 'projects/no-such-project' was not found", "NOT_FOUND", "project"),
-            (403, "Required 'compute.instances.create' permission for 'projects/p/zones/us-central1-a/instances/dc-1'", "PERMISSION_DENIED", "project"),
-            (404, "The resource 'projects/debian-cloud/global/images/family/debain-12' was not found", "NOT_FOUND", "image"),
-            (404, "The resource 'projects/p/global/networks/no-such-net' was not found", "NOT_FOUND", "network"),
-            (400, "Invalid value for field 'resource.networkInterfaces[0].subnetwork': 'regions/us-central1/subnetworks/nope'. The referenced subnetwork resource cannot be found.", "INVALID_ARGUMENT", "subnetwork"),
-            (400, "The user does not have access to service account 'vm@p.iam.gserviceaccount.com'.  User: 'dispatcher@p.iam.gserviceaccount.com'.  Ask a project owner to grant you the iam.serviceAccountUser role on the service account", "INVALID_ARGUMENT", "service_account"),
-            (400, "Invalid value for field 'resource.disks[0].initializeParams.diskType': 'zones/us-central1-a/diskTypes/pd-fastest'.", "INVALID_ARGUMENT", "boot_disk_type"),
+            (401, "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or other valid authentication credential.", "UNAUTHENTICATED", "(check credentials_file"),
+            (404, "The resource 'projects/no-such-project' was not found", "NOT_FOUND", "(check project)"),
+            (403, "Required 'compute.instances.create' permission for 'projects/p/zones/us-central1-a/instances/dc-1'", "PERMISSION_DENIED", "(check the credentials' roles in project)"),
+            (404, "The resource 'projects/debian-cloud/global/images/family/debain-12' was not found", "NOT_FOUND", "(check image"),
+            (404, "The resource 'projects/p/global/networks/no-such-net' was not found", "NOT_FOUND", "(check network)"),
+            (400, "Invalid value for field 'resource.networkInterfaces[0].subnetwork': 'regions/us-central1/subnetworks/nope'. The referenced subnetwork resource cannot be found.", "INVALID_ARGUMENT", "(check subnetwork)"),
+            (400, "The user does not have access to service account 'vm@p.iam.gserviceaccount.com'.  User: 'dispatcher@p.iam.gserviceaccount.com'.  Ask a project owner to grant you the iam.serviceAccountUser role on the service account", "INVALID_ARGUMENT", "(check service_account)"),
+            (400, "Invalid value for field 'resource.disks[0].initializeParams.diskType': 'zones/us-central1-a/diskTypes/pd-fastest'.", "INVALID_ARGUMENT", "(check boot_disk_type"),
+            (400, "Invalid value for field 'zone': 'us-central1-q'. Unknown zone.", "INVALID_ARGUMENT", "(check zones)"),
         ];
         for (code, message, status, param) in cases {
             let body = format!(
@@ -459,6 +498,59 @@ mod tests {
             assert_eq!(e.kind(), "invalid_config", "{message}");
             assert!(e.to_string().contains(param), "{param}: {e}");
         }
+    }
+
+    #[test]
+    fn a_machine_type_the_zone_lacks_is_the_types_capacity_whatever_the_status() {
+        let invalid = http(
+            400,
+            r#"{"error":{"code":400,"message":"Invalid value for field 'resource.machineType': 'zones/us-central1-f/machineTypes/c3-standard-4'. Machine type with name 'c3-standard-4' does not exist in zone 'us-central1-f'.","errors":[{"message":"Invalid value for field 'resource.machineType': 'zones/us-central1-f/machineTypes/c3-standard-4'. Machine type with name 'c3-standard-4' does not exist in zone 'us-central1-f'.","domain":"global","reason":"invalid"}]}}"#,
+        );
+        assert!(invalid.is_zone_specific());
+        assert_eq!(kind_of(&invalid).kind(), "capacity");
+    }
+
+    #[test]
+    fn reasons_lost_beside_details_are_found_in_the_message() {
+        // With `details` present the client library drops `errors[]`: the message still says.
+        let both = http(
+            403,
+            r#"{"error":{"code":403,"message":"Rate Limit Exceeded","errors":[{"message":"Rate Limit Exceeded","domain":"usageLimits","reason":"rateLimitExceeded"}],"details":[{"@type":"type.googleapis.com/google.rpc.Help","links":[]}]}}"#,
+        );
+        assert_eq!(kind_of(&both).kind(), "rate_limit");
+        let quota = http(
+            403,
+            r#"{"error":{"code":403,"message":"Quota 'CPUS' exceeded.  Limit: 24.0 in region us-central1.","errors":[{"message":"Quota 'CPUS' exceeded.","domain":"usageLimits","reason":"quotaExceeded"}],"details":[{"@type":"type.googleapis.com/google.rpc.Help","links":[]}]}}"#,
+        );
+        assert_eq!(kind_of(&quota).kind(), "quota");
+    }
+
+    #[test]
+    fn instance_level_refusals_are_not_configuration() {
+        let gone = http(
+            404,
+            r#"{"error":{"code":404,"message":"The resource 'projects/p/zones/us-central1-a/instances/dc-0123' was not found","errors":[{"message":"The resource 'projects/p/zones/us-central1-a/instances/dc-0123' was not found","domain":"global","reason":"notFound"}]}}"#,
+        );
+        let e = classify(
+            "instances.setMetadata dc-0123",
+            &gone,
+            &Backoff::default(),
+            "",
+            "",
+        );
+        assert_eq!(e.kind(), "other", "{e}");
+        let odd_403 = http(
+            403,
+            r#"{"error":{"code":403,"message":"The instance is being deleted.","errors":[{"message":"The instance is being deleted.","domain":"global","reason":"resourceNotReady"}]}}"#,
+        );
+        let e = classify(
+            "instances.delete dc-0123",
+            &odd_403,
+            &Backoff::default(),
+            "",
+            "",
+        );
+        assert_eq!(e.kind(), "other", "{e}");
     }
 
     #[test]

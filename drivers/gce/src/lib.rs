@@ -5,7 +5,7 @@
 //! * a VM is an instance named `dc-<20 hex>` in one of the configured zones; its ID for the
 //!   host is that name (unique in the project for the driver's purposes, and what `gcloud` and
 //!   the console show);
-//! * the set ID is the label `dispatch-cloud-set`, so listings filter server-side; every tag
+//! * the set ID is the label `dispatch_cloud_set`, so listings filter server-side; every tag
 //!   is a metadata item (see [`tags`]);
 //! * the init command is the `startup-script` item, the dispatcher's key the `ssh-keys` item;
 //! * host keys are checked against the `hostkeys/` guest attributes that Google's guest agent
@@ -36,7 +36,8 @@ use crate::compute::{Compute, CredentialsError};
 use crate::errors::{classify, Failure};
 
 /// The label holding the set ID on every instance this driver creates.
-pub const SET_LABEL: &str = "dispatch-cloud-set";
+/// An underscore, not a hyphen: the key appears bare in list filters, where `-` is an operator.
+pub const SET_LABEL: &str = "dispatch_cloud_set";
 /// The device name of an added scratch disk (`/dev/disk/by-id/google-scratch` on the VM).
 pub const SCRATCH_DEVICE: &str = "scratch";
 /// How often `setMetadata` is retried when another writer changed the metadata in between.
@@ -154,8 +155,19 @@ impl Params {
                 self.boot_disk_size_gb
             ));
         }
-        if !(self.endpoint.starts_with("https://") || self.endpoint.starts_with("http://")) {
-            return bad(format!("endpoint {:?}: not an http(s) URL", self.endpoint));
+        // Bearer tokens travel with every call: plain HTTP only to this machine (emulators).
+        let loopback = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
+            .iter()
+            .any(|p| {
+                self.endpoint
+                    .strip_prefix(p)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with([':', '/']))
+            });
+        if !(self.endpoint.starts_with("https://") || loopback) {
+            return bad(format!(
+                "endpoint {:?}: must be https:// (http:// only to 127.0.0.1 or localhost)",
+                self.endpoint
+            ));
         }
         // The client joins endpoint and path as strings.
         self.endpoint = self.endpoint.trim_end_matches('/').to_string();
@@ -403,6 +415,31 @@ impl SetInner {
         )
     }
 
+    /// The instance just inserted, as GCE reports it; if that read fails, as it was asked
+    /// for (its address comes with the next listing): the VM exists either way.
+    fn created(
+        self: &Arc<Self>,
+        zone: &str,
+        name: &str,
+        request: &CreateRequest,
+        tags: &Tags,
+    ) -> Box<dyn Instance> {
+        match self.get(zone, name) {
+            Ok(model) => self.instance(zone, model),
+            Err(f) => {
+                log::warn!("instance={name}: created, but reading it back failed ({f})");
+                Box::new(GceInstance {
+                    set: Arc::clone(self),
+                    zone: zone.to_string(),
+                    name: name.to_string(),
+                    machine_type: request.instance_type.provider_type.clone(),
+                    address: String::new(),
+                    tags: Mutex::new(tags.clone()),
+                })
+            }
+        }
+    }
+
     fn instance(self: &Arc<Self>, zone: &str, model: GceModel) -> Box<dyn Instance> {
         let items = model
             .metadata
@@ -462,6 +499,7 @@ impl InstanceSet for GceSet {
         let name = new_instance_name();
         let start = s.next_zone.load(Ordering::Relaxed) % zones.len();
         let mut last: Option<Failure> = None;
+        let mut last_capacity: Option<Failure> = None;
         for n in 0..zones.len() {
             let index = (start + n) % zones.len();
             let zone = &zones[index];
@@ -470,17 +508,14 @@ impl InstanceSet for GceSet {
                 Ok(()) => {
                     s.next_zone.store(index, Ordering::Relaxed);
                     s.create_backoff.reset();
-                    let model = s
-                        .get(zone, &name)
-                        .map_err(|f| s.failure("instances.get", &f, &s.other_backoff, None))?;
-                    return Ok(s.instance(zone, model));
+                    return Ok(s.created(zone, &name, request, &tags));
                 }
                 Err(f) if f.is_zone_specific() && n + 1 < zones.len() => {
                     log::info!(
                         "instances.insert of {} in {zone} failed ({f}); trying the next zone",
                         t.provider_type
                     );
-                    last = Some(f);
+                    last_capacity = Some(f);
                 }
                 Err(f) => {
                     last = Some(f);
@@ -488,7 +523,17 @@ impl InstanceSet for GceSet {
                 }
             }
         }
-        let f = last.unwrap_or_else(|| Failure::local("no zone tried"));
+        // Every zone out of the type says more than a last transient error.
+        let f = match (last_capacity, last) {
+            (Some(capacity), Some(l))
+                if !l.is_zone_specific() && l.http_status.is_none_or(|c| c >= 500) =>
+            {
+                capacity
+            }
+            (capacity, l) => l
+                .or(capacity)
+                .unwrap_or_else(|| Failure::local("no zone tried")),
+        };
         Err(s.failure("instances.insert", &f, &s.create_backoff, Some(t)))
     }
 
@@ -497,22 +542,33 @@ impl InstanceSet for GceSet {
         let c = &s.client;
         let filter = format!("labels.{SET_LABEL} = \"{}\"", s.set_id);
         let mut out = Vec::new();
-        for zone in &s.params.zones {
-            let mut token: Option<String> = None;
-            loop {
-                let page = c
-                    .call(
-                        c.instances
-                            .list()
-                            .set_project(&c.project)
-                            .set_zone(zone)
-                            .set_filter(&filter)
-                            .set_max_results(s.params.page_size.unwrap_or(500))
-                            .set_or_clear_page_token(token.clone())
-                            .send(),
-                    )
-                    .map_err(|f| s.failure("instances.list", &f, &s.list_backoff, None))?;
-                for model in page.items {
+        let mut token: Option<String> = None;
+        // Aggregated over all zones, not just the configured ones: a zone dropped from the
+        // config must not hide (and so leak) the VMs still running there.
+        loop {
+            let page = c
+                .call(
+                    c.instances
+                        .aggregated_list()
+                        .set_project(&c.project)
+                        .set_filter(&filter)
+                        .set_max_results(s.params.page_size.unwrap_or(500))
+                        .set_or_clear_page_token(token.clone())
+                        .send(),
+                )
+                .map_err(|f| s.failure("instances.aggregatedList", &f, &s.list_backoff, None))?;
+            if !page.unreachables.is_empty() {
+                // A partial listing would make the host think those VMs are gone.
+                return Err(DriverError::other(format!(
+                    "instances.aggregatedList: unreachable: {}",
+                    page.unreachables.join(", ")
+                )));
+            }
+            for (scope, list) in page.items {
+                let Some(zone) = scope.strip_prefix("zones/") else {
+                    continue;
+                };
+                for model in list.instances {
                     // STOPPING is how a deleted instance looks until it is gone. A TERMINATED
                     // (stopped) one is kept: it still holds its disks, and the host destroys
                     // what it cannot reach.
@@ -525,10 +581,10 @@ impl InstanceSet for GceSet {
                         out.push(vm);
                     }
                 }
-                match page.next_page_token.filter(|t| !t.is_empty()) {
-                    Some(t) => token = Some(t),
-                    None => break,
-                }
+            }
+            match page.next_page_token.filter(|t| !t.is_empty()) {
+                Some(t) => token = Some(t),
+                None => break,
             }
         }
         s.list_backoff.reset();
