@@ -636,43 +636,116 @@ pub fn xml_value(xml: &str, tag: &str) -> Option<String> {
     Some(xml[start..end].to_string())
 }
 
-/// The in-repo GCE Compute fake (`tests/fakes/gce_compute.py`, standard-library Python) on a
-/// free port of 127.0.0.1. It exits when its stdin closes, so even a test that dies without
-/// running `Drop` leaves nothing behind; `Drop` kills it as well.
-pub struct GceFake {
+/// An in-repo cloud fake (`tests/fakes/*.py`, standard-library Python) on a free port of
+/// 127.0.0.1. It exits when its stdin closes, so even a test that dies without running `Drop`
+/// leaves nothing behind; `Drop` kills it as well. Its `/fake/` controls take faults and hand
+/// out the request log.
+pub struct FakeCloud {
     child: std::process::Child,
+    /// Where the driver points its `endpoint`.
     pub endpoint: String,
+    /// Where the controls answer (plain HTTP).
+    control: String,
 }
 
-impl GceFake {
-    /// Zone operations take 0.2 s from PENDING to DONE; the test service account's JWTs
-    /// (`service_account_file`) are accepted.
-    pub fn start() -> Self {
-        let script = workspace_root().join("tests/fakes/gce_compute.py");
-        let account = workspace_root().join("tests/fixtures/gce/service-account-public.json");
+impl FakeCloud {
+    fn start(script: &str, args: &[&std::ffi::OsStr]) -> Self {
         let mut child = Command::new("python3")
-            .arg(&script)
-            .args(["--operation-delay", "0.2", "--service-account-public"])
-            .arg(&account)
+            .arg(workspace_root().join("tests/fakes").join(script))
+            .args(args)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
             .spawn()
-            .expect("start python3 tests/fakes/gce_compute.py");
+            .unwrap_or_else(|e| panic!("start python3 tests/fakes/{script}: {e}"));
         let stdout = child.stdout.take().expect("fake stdout");
-        let mut line = String::new();
-        let read = BufReader::new(stdout).read_line(&mut line);
-        match line.trim().strip_prefix("listening on ") {
-            Some(url) if read.is_ok() => GceFake {
-                child,
-                endpoint: url.to_string(),
-            },
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the GCE fake did not report its address: {line:?} {read:?}");
-            }
+        let mut lines = BufReader::new(stdout).lines();
+        let endpoint = lines
+            .next()
+            .and_then(Result::ok)
+            .and_then(|l| l.strip_prefix("listening on ").map(str::to_string));
+        let Some(endpoint) = endpoint else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{script} did not report its address");
+        };
+        let control = if endpoint.starts_with("https://") {
+            lines
+                .next()
+                .and_then(Result::ok)
+                .and_then(|l| l.strip_prefix("control on ").map(str::to_string))
+                .unwrap_or_else(|| panic!("{script} did not report its control address"))
+        } else {
+            endpoint.clone()
+        };
+        FakeCloud {
+            child,
+            endpoint,
+            control,
         }
+    }
+
+    fn control(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        match ureq::post(&format!("{}/fake/{path}", self.control)).send_json(body) {
+            Ok(r) => r.into_json().expect("fake control reply"),
+            Err(e) => panic!("fake control {path}: {e}"),
+        }
+    }
+
+    fn fetch(&self, path: &str) -> Vec<serde_json::Value> {
+        match ureq::get(&format!("{}/fake/{path}", self.control)).call() {
+            Ok(r) => r.into_json().expect("fake reply"),
+            Err(e) => panic!("fake {path}: {e}"),
+        }
+    }
+
+    /// Every cloud request so far: `method`, `path`, `query`, `body`, `authorized`, `status`.
+    pub fn requests(&self) -> Vec<serde_json::Value> {
+        self.fetch("requests")
+    }
+
+    /// Queues a fault: the next call matching `method` and the `path` regex gets `fault`'s
+    /// `respond` (an HTTP answer) or an operation that ends with its `operation_error` (GCE)
+    /// or `async_error` (Azure).
+    pub fn inject(&self, method: &str, path: &str, fault: serde_json::Value) {
+        let mut spec = serde_json::json!({"match": {"method": method, "path": path}});
+        if let (Some(spec), Some(fault)) = (spec.as_object_mut(), fault.as_object()) {
+            spec.extend(fault.clone());
+        }
+        self.control("inject", spec);
+    }
+}
+
+impl Drop for FakeCloud {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The GCE Compute fake (`tests/fakes/gce_compute.py`): zone operations take 0.2 s from
+/// PENDING to DONE; the test service account's JWTs (`service_account_file`) are accepted.
+pub struct GceFake(FakeCloud);
+
+impl std::ops::Deref for GceFake {
+    type Target = FakeCloud;
+    fn deref(&self) -> &FakeCloud {
+        &self.0
+    }
+}
+
+impl GceFake {
+    pub fn start() -> Self {
+        let account = workspace_root().join("tests/fixtures/gce/service-account-public.json");
+        GceFake(FakeCloud::start(
+            "gce_compute.py",
+            &[
+                "--operation-delay".as_ref(),
+                "0.2".as_ref(),
+                "--service-account-public".as_ref(),
+                account.as_os_str(),
+            ],
+        ))
     }
 
     /// An `authorized_user` credentials file whose refresh token the fake's token endpoint
@@ -704,37 +777,9 @@ impl GceFake {
         workspace_root().join("tests/fixtures/gce/service-account.json")
     }
 
-    fn control(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
-        match ureq::post(&format!("{}/fake/{path}", self.endpoint)).send_json(body) {
-            Ok(r) => r.into_json().expect("fake control reply"),
-            Err(e) => panic!("fake control {path}: {e}"),
-        }
-    }
-
-    /// Every Compute request so far: `method`, `path`, `query`, `body`, `authorized`, `status`.
-    pub fn requests(&self) -> Vec<serde_json::Value> {
-        match ureq::get(&format!("{}/fake/requests", self.endpoint)).call() {
-            Ok(r) => r.into_json().expect("request log"),
-            Err(e) => panic!("fake request log: {e}"),
-        }
-    }
-
     /// Every instance the fake holds, in Compute's JSON form.
     pub fn instances(&self) -> Vec<serde_json::Value> {
-        match ureq::get(&format!("{}/fake/instances", self.endpoint)).call() {
-            Ok(r) => r.into_json().expect("instances"),
-            Err(e) => panic!("fake instances: {e}"),
-        }
-    }
-
-    /// Queues a fault: the next call matching `method` and the `path` regex gets `fault`'s
-    /// `respond` (an HTTP answer) or an operation that ends with `operation_error`.
-    pub fn inject(&self, method: &str, path: &str, fault: serde_json::Value) {
-        let mut spec = serde_json::json!({"match": {"method": method, "path": path}});
-        if let (Some(spec), Some(fault)) = (spec.as_object_mut(), fault.as_object()) {
-            spec.extend(fault.clone());
-        }
-        self.control("inject", spec);
+        self.fetch("instances")
     }
 
     /// Publishes guest attributes (`namespace`, `key`, `value` items) for an instance.
@@ -757,9 +802,55 @@ impl GceFake {
     }
 }
 
-impl Drop for GceFake {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// The ARM fake (`tests/fakes/azure_arm.py`) over HTTPS with the test CA
+/// (`tests/fixtures/tls/`); operations take 0.3 s.
+pub struct AzureFake(FakeCloud);
+
+impl std::ops::Deref for AzureFake {
+    type Target = FakeCloud;
+    fn deref(&self) -> &FakeCloud {
+        &self.0
+    }
+}
+
+impl AzureFake {
+    pub fn start() -> Self {
+        let tls = workspace_root().join("tests/fixtures/tls");
+        let (cert, key) = (tls.join("server.pem"), tls.join("server-key.pem"));
+        AzureFake(FakeCloud::start(
+            "azure_arm.py",
+            &[
+                "--cert".as_ref(),
+                cert.as_os_str(),
+                "--key".as_ref(),
+                key.as_os_str(),
+                "--operation-delay".as_ref(),
+                "0.3".as_ref(),
+            ],
+        ))
+    }
+
+    /// The CA that signed the fake's certificate, for the driver's `ca_certificate_file`.
+    pub fn ca_file(&self) -> PathBuf {
+        workspace_root().join("tests/fixtures/tls/ca.pem")
+    }
+
+    /// Every resource the fake holds (VMs, NICs, disks), in ARM's JSON form.
+    pub fn resources(&self) -> Vec<serde_json::Value> {
+        self.fetch("resources")
+    }
+
+    /// Changes `page_size` (list pages) or `nic_ip_delay` (seconds before a new NIC's IP shows).
+    pub fn configure(&self, settings: serde_json::Value) {
+        self.control("config", settings);
+    }
+
+    /// A NIC (`kind = "nic"`) or disk (`"disk"`) named `name` with `tags`, `age` seconds old
+    /// and no VM.
+    pub fn orphan(&self, kind: &str, name: &str, age: u64, tags: serde_json::Value) {
+        self.control(
+            "orphan",
+            serde_json::json!({"kind": kind, "name": name, "age": age, "tags": tags}),
+        );
     }
 }

@@ -740,38 +740,3 @@ fn without_a_credentials_file_the_metadata_server_supplies_tokens() {
         "{requests:?}"
     );
 }
-
-#[test]
-fn plugins_lists_gce_beside_aws_and_loopback() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let mut body = String::new();
-    for (name, so) in [
-        ("loopback", loopback_so()),
-        ("aws", built("libdispatch_cloud_aws.so")),
-        ("gce", gce_so()),
-    ] {
-        body.push_str(&format!(
-            "[[plugins]]\nname = \"{name}\"\npath = {:?}\nsha256 = \"{}\"\n\n",
-            so.display().to_string(),
-            sha256_hex(&so)
-        ));
-    }
-    let file = write_plugins_toml(dir.path(), &body);
-    let out = cli(&[
-        "plugins",
-        "--plugins",
-        file.to_str().expect("utf8"),
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let listed: Value = serde_json::from_slice(&out.stdout).expect("json");
-    let drivers: Vec<&str> = listed
-        .as_array()
-        .expect("array")
-        .iter()
-        .filter_map(|p| p["driver"].as_str())
-        .collect();
-    for d in ["loopback", "aws", "gce"] {
-        assert!(drivers.contains(&d), "{d} missing: {listed}");
-    }
-}

@@ -398,3 +398,37 @@ fn a_loopback_daemon_others_could_change_is_not_started() {
     );
     assert!(cloud.daemon_pid().is_none(), "the daemon ran");
 }
+
+#[test]
+fn plugins_json_lists_every_driver_of_the_workspace() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut body = String::new();
+    for (name, so) in [
+        ("loopback", loopback_so()),
+        ("aws", built("libdispatch_cloud_aws.so")),
+        ("gce", built("libdispatch_cloud_gce.so")),
+        ("azure", built("libdispatch_cloud_azure.so")),
+    ] {
+        body.push_str(&format!(
+            "[[plugins]]\nname = \"{name}\"\npath = {:?}\nsha256 = \"{}\"\n\n",
+            so.display().to_string(),
+            sha256_hex(&so)
+        ));
+    }
+    let file = write_plugins_toml(dir.path(), &body);
+    let out = cli(&[
+        "plugins",
+        "--plugins",
+        file.to_str().expect("utf8"),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let drivers: Vec<&str> = listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|p| p["driver"].as_str())
+        .collect();
+    assert_eq!(drivers, ["loopback", "aws", "gce", "azure"], "{listed}");
+}

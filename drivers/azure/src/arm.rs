@@ -173,10 +173,7 @@ impl Arm {
                 match status.body.get("status").and_then(Value::as_str) {
                     Some("Succeeded") => return Ok(()),
                     Some("Failed" | "Canceled") => {
-                        return Err(ArmFailure::from_body(
-                            status.status.as_u16(),
-                            &status.body,
-                        ))
+                        return Err(ArmFailure::from_body(status.status.as_u16(), &status.body))
                     }
                     _ => continue,
                 }

@@ -51,9 +51,14 @@ impl ArmFailure {
     /// carry `AADSTS` codes or OAuth error names; anything else (a network error) may pass.
     pub fn credential(e: &azure_core::Error) -> ArmFailure {
         let message = e.to_string();
-        let rejected = ["AADSTS", "invalid_client", "unauthorized_client", "invalid_request"]
-            .iter()
-            .any(|m| message.contains(m));
+        let rejected = [
+            "AADSTS",
+            "invalid_client",
+            "unauthorized_client",
+            "invalid_request",
+        ]
+        .iter()
+        .any(|m| message.contains(m));
         ArmFailure {
             message: format!("getting a token: {message}"),
             credentials_rejected: rejected,
@@ -141,7 +146,10 @@ const CONFIG_HINTS: &[(&str, &str)] = &[
     ("ResourceGroupNotFound", "resource_group"),
     ("SubscriptionNotFound", "subscription_id"),
     ("InvalidSubscriptionId", "subscription_id"),
-    ("GalleryImageNotFound", "shared_image_gallery_name / the image"),
+    (
+        "GalleryImageNotFound",
+        "shared_image_gallery_name / the image",
+    ),
     ("ImageNotFound", "image_resource_group / the image"),
     ("/subnets/", "subnet"),
     ("/virtualNetworks/", "network / network_resource_group"),
@@ -188,15 +196,17 @@ pub fn classify(call: &str, f: &ArmFailure, instance_type: &str, quota_group: &s
             "{text} (check tenant_id / client_id / client_secret, or the managed or workload identity)"
         ));
     }
-    if f.has_code(&["AuthorizationFailed", "LinkedAuthorizationFailed"]) || f.http_status == Some(403) {
+    if f.has_code(&["AuthorizationFailed", "LinkedAuthorizationFailed"])
+        || f.http_status == Some(403)
+    {
         return DriverError::invalid_config(format!(
             "{text} (check the identity's role assignments on subscription_id / resource_group)"
         ));
     }
     if matches!(f.http_status, Some(400 | 404)) {
-        let hint = CONFIG_HINTS.iter().find(|(needle, _)| {
-            f.has_code(&[needle]) || f.message.contains(needle)
-        });
+        let hint = CONFIG_HINTS
+            .iter()
+            .find(|(needle, _)| f.has_code(&[needle]) || f.message.contains(needle));
         if let Some((_, param)) = hint {
             return DriverError::invalid_config(format!("{text} (check {param})"));
         }
@@ -214,7 +224,12 @@ mod tests {
     }
 
     fn kind_of(f: &ArmFailure) -> DriverError {
-        classify("PUT virtualMachines/dc-1", f, "Standard_D4s_v5", "standardDSv5Family")
+        classify(
+            "PUT virtualMachines/dc-1",
+            f,
+            "Standard_D4s_v5",
+            "standardDSv5Family",
+        )
     }
 
     fn wait_of(e: &DriverError) -> Duration {
@@ -228,19 +243,33 @@ mod tests {
 
     #[test]
     fn throttles_wait_as_long_as_arm_says_and_20_s_when_it_does_not() {
-        let body = r#"{"error":{"code":"TooManyRequests","message":"The request is being throttled."}}"#;
+        let body =
+            r#"{"error":{"code":"TooManyRequests","message":"The request is being throttled."}}"#;
         let mut headers = HeaderMap::new();
         headers.insert(RETRY_AFTER, HeaderValue::from_static("45"));
         let with = ArmFailure::from_response(429, &headers, body);
         assert!(wait_of(&kind_of(&with)) > Duration::from_secs(40));
         let without = failure(429, body);
         let w = wait_of(&kind_of(&without));
-        assert!(w > Duration::from_secs(15) && w <= DEFAULT_RATE_LIMIT_WAIT, "{w:?}");
+        assert!(
+            w > Duration::from_secs(15) && w <= DEFAULT_RATE_LIMIT_WAIT,
+            "{w:?}"
+        );
         let in_a_minute = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(60));
         let mut dated = HeaderMap::new();
-        dated.insert(RETRY_AFTER, HeaderValue::from_str(&in_a_minute).expect("header"));
-        let f = ArmFailure::from_response(503, &dated, r#"{"error":{"code":"ServerBusy","message":"busy"}}"#);
-        assert!(wait_of(&kind_of(&f)) > Duration::from_secs(50), "an HTTP date, on any status");
+        dated.insert(
+            RETRY_AFTER,
+            HeaderValue::from_str(&in_a_minute).expect("header"),
+        );
+        let f = ArmFailure::from_response(
+            503,
+            &dated,
+            r#"{"error":{"code":"ServerBusy","message":"busy"}}"#,
+        );
+        assert!(
+            wait_of(&kind_of(&f)) > Duration::from_secs(50),
+            "an HTTP date, on any status"
+        );
         let not_json = failure(429, "<html>Too Many Requests</html>");
         assert_eq!(kind_of(&not_json).kind(), "rate_limit");
     }
@@ -309,13 +338,41 @@ mod tests {
     #[test]
     fn configuration_errors_name_the_parameter() {
         for (status, body, param) in [
-            (401, r#"{"error":{"code":"InvalidAuthenticationToken","message":"The access token is invalid."}}"#, "client_secret"),
-            (403, r#"{"error":{"code":"AuthorizationFailed","message":"The client 'x' with object id 'x' does not have authorization to perform action 'Microsoft.Compute/virtualMachines/write' over scope '/subscriptions/s/resourceGroups/rg'."}}"#, "role assignments"),
-            (404, r#"{"error":{"code":"ResourceGroupNotFound","message":"Resource group 'nope' could not be found."}}"#, "(check resource_group)"),
-            (404, r#"{"error":{"code":"SubscriptionNotFound","message":"The subscription 's' could not be found."}}"#, "(check subscription_id)"),
-            (400, r#"{"error":{"code":"InvalidResourceReference","message":"Resource /subscriptions/s/resourceGroups/rg/providers/Microsoft.Network/virtualNetworks/vnet/subnets/nope referenced by resource /subscriptions/s/resourceGroups/rg/providers/Microsoft.Network/networkInterfaces/dc-nic was not found."}}"#, "(check subnet)"),
-            (404, r#"{"error":{"code":"NotFound","message":"The Image '/subscriptions/s/resourceGroups/images/providers/Microsoft.Compute/images/nope' cannot be found in 'eastus' region."}}"#, "(check image_resource_group"),
-            (404, r#"{"error":{"code":"GalleryImageNotFound","message":"The gallery image /subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/galleries/g/images/nope is not available in eastus region."}}"#, "(check shared_image_gallery_name"),
+            (
+                401,
+                r#"{"error":{"code":"InvalidAuthenticationToken","message":"The access token is invalid."}}"#,
+                "client_secret",
+            ),
+            (
+                403,
+                r#"{"error":{"code":"AuthorizationFailed","message":"The client 'x' with object id 'x' does not have authorization to perform action 'Microsoft.Compute/virtualMachines/write' over scope '/subscriptions/s/resourceGroups/rg'."}}"#,
+                "role assignments",
+            ),
+            (
+                404,
+                r#"{"error":{"code":"ResourceGroupNotFound","message":"Resource group 'nope' could not be found."}}"#,
+                "(check resource_group)",
+            ),
+            (
+                404,
+                r#"{"error":{"code":"SubscriptionNotFound","message":"The subscription 's' could not be found."}}"#,
+                "(check subscription_id)",
+            ),
+            (
+                400,
+                r#"{"error":{"code":"InvalidResourceReference","message":"Resource /subscriptions/s/resourceGroups/rg/providers/Microsoft.Network/virtualNetworks/vnet/subnets/nope referenced by resource /subscriptions/s/resourceGroups/rg/providers/Microsoft.Network/networkInterfaces/dc-nic was not found."}}"#,
+                "(check subnet)",
+            ),
+            (
+                404,
+                r#"{"error":{"code":"NotFound","message":"The Image '/subscriptions/s/resourceGroups/images/providers/Microsoft.Compute/images/nope' cannot be found in 'eastus' region."}}"#,
+                "(check image_resource_group",
+            ),
+            (
+                404,
+                r#"{"error":{"code":"GalleryImageNotFound","message":"The gallery image /subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/galleries/g/images/nope is not available in eastus region."}}"#,
+                "(check shared_image_gallery_name",
+            ),
         ] {
             let e = kind_of(&failure(status, body));
             assert_eq!(e.kind(), "invalid_config", "{body}");
@@ -330,6 +387,9 @@ mod tests {
             r#"{"error":{"code":"InternalServerError","message":"An unexpected error occured while processing the request."}}"#,
         );
         assert_eq!(kind_of(&f).kind(), "other");
-        assert_eq!(kind_of(&ArmFailure::local("connection refused")).kind(), "other");
+        assert_eq!(
+            kind_of(&ArmFailure::local("connection refused")).kind(),
+            "other"
+        );
     }
 }

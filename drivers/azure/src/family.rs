@@ -15,7 +15,10 @@ pub fn vm_family(size: &str) -> String {
     };
     // Series letters, then the vCPU count (with `-` for constrained sizes), then feature
     // letters (a: AMD, d: local disk, s: premium storage, …).
-    let series: String = name.chars().take_while(|c| c.is_ascii_uppercase()).collect();
+    let series: String = name
+        .chars()
+        .take_while(|c| c.is_ascii_uppercase())
+        .collect();
     let features: String = name
         .chars()
         .skip(series.len())

@@ -180,18 +180,19 @@ impl Params {
         if self.managed_identity && self.tenant_id.is_some() {
             return bad("tenant_id: not used with managed_identity");
         }
-        for (name, url) in [("endpoint", &mut self.endpoint), ("authority", &mut self.authority)] {
+        for (name, url) in [
+            ("endpoint", &mut self.endpoint),
+            ("authority", &mut self.authority),
+        ] {
             if !url.starts_with("https://") {
                 return bad(format!("{name} = {url:?}: must be an https:// URL"));
             }
             *url = url.trim_end_matches('/').to_string();
         }
         let user_ok = (1..=32).contains(&self.admin_username.len())
-            && self
-                .admin_username
-                .chars()
-                .enumerate()
-                .all(|(i, c)| c.is_ascii_lowercase() || c == '_' || (i > 0 && (c.is_ascii_digit() || c == '-')));
+            && self.admin_username.chars().enumerate().all(|(i, c)| {
+                c.is_ascii_lowercase() || c == '_' || (i > 0 && (c.is_ascii_digit() || c == '-'))
+            });
         if !user_ok || ["root", "admin", "administrator"].contains(&self.admin_username.as_str()) {
             return bad(format!(
                 "admin_username {:?}: a Linux user name Azure allows (lowercase, not root/admin)",
@@ -202,12 +203,12 @@ impl Params {
     }
 
     fn credential(&self, options: ClientOptions) -> Result<Arc<dyn TokenCredential>, DriverError> {
-        let named = |what: &str, e: azure_core::Error| {
-            DriverError::invalid_config(format!("{what}: {e}"))
-        };
+        let named =
+            |what: &str, e: azure_core::Error| DriverError::invalid_config(format!("{what}: {e}"));
         if let Some(secret) = &self.client_secret {
-            let mut o = ClientSecretCredentialOptions::default();
-            o.client_options = options;
+            let o = ClientSecretCredentialOptions {
+                client_options: options,
+            };
             let c = ClientSecretCredential::new(
                 self.tenant_id.as_deref().unwrap_or_default(),
                 self.client_id.clone().unwrap_or_default(),
@@ -218,9 +219,10 @@ impl Params {
             return Ok(c);
         }
         if self.managed_identity {
-            let mut o = ManagedIdentityCredentialOptions::default();
-            o.user_assigned_id = self.client_id.clone().map(UserAssignedId::ClientId);
-            o.client_options = options;
+            let o = ManagedIdentityCredentialOptions {
+                user_assigned_id: self.client_id.clone().map(UserAssignedId::ClientId),
+                client_options: options,
+            };
             let c = ManagedIdentityCredential::new(Some(o))
                 .map_err(|e| named("managed_identity", e))?;
             return Ok(c);
@@ -229,8 +231,12 @@ impl Params {
         o.credential_options.client_options = options;
         o.client_id = self.client_id.clone();
         o.tenant_id = self.tenant_id.clone();
-        let c = WorkloadIdentityCredential::new(Some(o))
-            .map_err(|e| named("workload_identity (AZURE_FEDERATED_TOKEN_FILE, AZURE_CLIENT_ID, AZURE_TENANT_ID)", e))?;
+        let c = WorkloadIdentityCredential::new(Some(o)).map_err(|e| {
+            named(
+                "workload_identity (AZURE_FEDERATED_TOKEN_FILE, AZURE_CLIENT_ID, AZURE_TENANT_ID)",
+                e,
+            )
+        })?;
         Ok(c)
     }
 }
@@ -281,9 +287,11 @@ impl Driver for AzureDriver {
         let http = http_client(&p)?;
         let mut cloud = CustomConfiguration::default();
         cloud.authority_host = p.authority.clone();
-        let mut options = ClientOptions::default();
-        options.transport = Some(Transport::new(Arc::new(http.clone())));
-        options.cloud = Some(Arc::new(CloudConfiguration::Custom(cloud)));
+        let options = ClientOptions {
+            transport: Some(Transport::new(Arc::new(http.clone()))),
+            cloud: Some(Arc::new(CloudConfiguration::Custom(cloud))),
+            ..Default::default()
+        };
         let credential = p.credential(options)?;
         let arm = Arm::new(
             http,
@@ -365,7 +373,13 @@ impl SetInner {
     }
 
     /// PUT/PATCH `body` at `path` and follow the operation to its end.
-    async fn write(&self, method: Method, path: &str, api: &str, body: &Value) -> Result<Value, ArmFailure> {
+    async fn write(
+        &self,
+        method: Method,
+        path: &str,
+        api: &str,
+        body: &Value,
+    ) -> Result<Value, ArmFailure> {
         let reply = self.arm.send(method, path, Some(api), Some(body)).await?;
         let first = reply.body.clone();
         self.arm
@@ -411,12 +425,19 @@ impl SetInner {
         // A Marketplace URN, publisher:offer:sku:version.
         let urn: Vec<&str> = image_id.split(':').collect();
         if urn.len() == 4 && urn.iter().all(|part| !part.is_empty()) {
-            return Ok(json!({"publisher": urn[0], "offer": urn[1], "sku": urn[2], "version": urn[3]}));
+            return Ok(
+                json!({"publisher": urn[0], "offer": urn[1], "sku": urn[2], "version": urn[3]}),
+            );
         }
         if image_id.contains(['/', '?', '#']) {
-            return bad(format!("image {image_id:?}: a name, a resource ID or a publisher:offer:sku:version URN"));
+            return bad(format!(
+                "image {image_id:?}: a name, a resource ID or a publisher:offer:sku:version URN"
+            ));
         }
-        let image_rg = p.image_resource_group.as_deref().unwrap_or(&p.resource_group);
+        let image_rg = p
+            .image_resource_group
+            .as_deref()
+            .unwrap_or(&p.resource_group);
         let id = match (&p.shared_image_gallery_name, &p.shared_image_gallery_image_version) {
             (Some(gallery), Some(version)) => format!(
                 "/subscriptions/{}/resourceGroups/{image_rg}/providers/Microsoft.Compute/galleries/{gallery}/images/{image_id}/versions/{version}",
@@ -441,7 +462,14 @@ impl SetInner {
         )
     }
 
-    fn vm_body(&self, r: &CreateRequest, name: &str, nic_id: &str, tags: &Tags, key: &str) -> Result<Value, DriverError> {
+    fn vm_body(
+        &self,
+        r: &CreateRequest,
+        name: &str,
+        nic_id: &str,
+        tags: &Tags,
+        key: &str,
+    ) -> Result<Value, DriverError> {
         let p = &self.params;
         let t = &r.instance_type;
         let custom_data = base64::engine::general_purpose::STANDARD
@@ -505,11 +533,17 @@ impl SetInner {
         }
         match self.delete(&self.nic_path(nic), NETWORK_API).await {
             Ok(()) => log::info!("instance={name}: deleted NIC {nic} after the failed create"),
-            Err(f) => log::warn!("instance={name}: deleting NIC {nic}: {f} (the sweeper will retry)"),
+            Err(f) => {
+                log::warn!("instance={name}: deleting NIC {nic}: {f} (the sweeper will retry)")
+            }
         }
     }
 
-    async fn create(self: &Arc<Self>, r: &CreateRequest, name: &str) -> Result<Box<dyn Instance>, (String, ArmFailure)> {
+    async fn create(
+        self: &Arc<Self>,
+        r: &CreateRequest,
+        name: &str,
+    ) -> Result<Box<dyn Instance>, (String, ArmFailure)> {
         let p = &self.params;
         let key = r.public_key.as_deref().unwrap_or_default();
         let mut tags = self.shared_tags.clone();
@@ -530,7 +564,10 @@ impl SetInner {
                 },
             }]},
         });
-        let nic_reply = match self.write(Method::PUT, &nic_path, NETWORK_API, &nic_body).await {
+        let nic_reply = match self
+            .write(Method::PUT, &nic_path, NETWORK_API, &nic_body)
+            .await
+        {
             Ok(b) => b,
             Err(f) => {
                 if f.http_status.is_none_or(|s| s < 400) {
@@ -549,7 +586,10 @@ impl SetInner {
             .vm_body(r, name, &nic_id, &tags, key)
             .map_err(|e| ("image".to_string(), ArmFailure::local(e.to_string())))?;
         let vm_path = self.vm_path(name);
-        let vm_reply = match self.write(Method::PUT, &vm_path, COMPUTE_API, &vm_body).await {
+        let vm_reply = match self
+            .write(Method::PUT, &vm_path, COMPUTE_API, &vm_body)
+            .await
+        {
             Ok(b) => b,
             Err(f) => {
                 self.clean_up_failed(name, &nic).await;
@@ -564,7 +604,10 @@ impl SetInner {
         }
         for disk in disks {
             let patch = json!({ "tags": tags });
-            if let Err(f) = self.write(Method::PATCH, &self.disk_path(&disk), DISK_API, &patch).await {
+            if let Err(f) = self
+                .write(Method::PATCH, &self.disk_path(&disk), DISK_API, &patch)
+                .await
+            {
                 log::warn!("instance={name}: tagging disk {disk}: {f}");
             }
         }
@@ -575,7 +618,11 @@ impl SetInner {
     fn instance(self: &Arc<Self>, vm: &Value, address: String, tags: Tags) -> Box<dyn Instance> {
         Box::new(AzureInstance {
             set: Arc::clone(self),
-            name: vm.get("name").and_then(Value::as_str).unwrap_or_default().to_string(),
+            name: vm
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
             size: vm
                 .pointer("/properties/hardwareProfile/vmSize")
                 .and_then(Value::as_str)
@@ -586,13 +633,28 @@ impl SetInner {
         })
     }
 
-    async fn instances(self: &Arc<Self>, tag_filter: &Tags) -> Result<Vec<Box<dyn Instance>>, (String, ArmFailure)> {
+    async fn instances(
+        self: &Arc<Self>,
+        tag_filter: &Tags,
+    ) -> Result<Vec<Box<dyn Instance>>, (String, ArmFailure)> {
         let vms = self
-            .list(&format!("{}/providers/Microsoft.Compute/virtualMachines", self.rg_path), COMPUTE_API)
+            .list(
+                &format!(
+                    "{}/providers/Microsoft.Compute/virtualMachines",
+                    self.rg_path
+                ),
+                COMPUTE_API,
+            )
             .await
             .map_err(|f| ("list virtualMachines".to_string(), f))?;
         let nics = self
-            .list(&format!("{}/providers/Microsoft.Network/networkInterfaces", self.rg_path), NETWORK_API)
+            .list(
+                &format!(
+                    "{}/providers/Microsoft.Network/networkInterfaces",
+                    self.rg_path
+                ),
+                NETWORK_API,
+            )
             .await
             .map_err(|f| ("list networkInterfaces".to_string(), f))?;
         let ips: HashMap<String, String> = nics
@@ -605,7 +667,11 @@ impl SetInner {
             if tags.get(SET_ID_TAG).map(String::as_str) != Some(self.set_id.as_str()) {
                 continue;
             }
-            if vm.pointer("/properties/provisioningState").and_then(Value::as_str) == Some("Deleting") {
+            if vm
+                .pointer("/properties/provisioningState")
+                .and_then(Value::as_str)
+                == Some("Deleting")
+            {
                 continue;
             }
             if !tag_filter.iter().all(|(k, v)| tags.get(k) == Some(v)) {
@@ -722,7 +788,11 @@ struct AzureInstance {
 }
 
 impl AzureInstance {
-    fn run<T>(&self, call: &str, f: impl std::future::Future<Output = Result<T, ArmFailure>>) -> Result<T, DriverError> {
+    fn run<T>(
+        &self,
+        call: &str,
+        f: impl std::future::Future<Output = Result<T, ArmFailure>>,
+    ) -> Result<T, DriverError> {
         match block_on(f).map_err(DriverError::other)? {
             Ok(v) => Ok(v),
             Err(failure) => Err(classify(&format!("{call} {}", self.name), &failure, "", "")),
@@ -754,7 +824,9 @@ impl Instance for AzureInstance {
         let body = json!({ "tags": tags });
         let path = s.vm_path(&self.name);
         self.run("PATCH virtualMachines", async {
-            s.write(Method::PATCH, &path, COMPUTE_API, &body).await.map(|_| ())
+            s.write(Method::PATCH, &path, COMPUTE_API, &body)
+                .await
+                .map(|_| ())
         })?;
         if let Ok(mut t) = self.tags.lock() {
             *t = tags;
@@ -818,7 +890,10 @@ mod tests {
     fn parameters_are_checked_and_named() {
         let p = parse(minimal()).expect("minimal");
         assert_eq!(p.location, "centralus");
-        assert!(!format!("{p:?}").contains("s3cr3t"), "the secret never prints");
+        assert!(
+            !format!("{p:?}").contains("s3cr3t"),
+            "the secret never prints"
+        );
         let with = |k: &str, v: Value| {
             let mut m = minimal();
             m[k] = v;
@@ -834,8 +909,14 @@ mod tests {
             (without("client_secret"), "client_secret"),
             (without("tenant_id"), "tenant_id"),
             (with("managed_identity", json!(true)), "choose one"),
-            (with("shared_image_gallery_name", json!("g")), "shared_image_gallery_image_version"),
-            (with("endpoint", json!("http://management.azure.com")), "endpoint"),
+            (
+                with("shared_image_gallery_name", json!("g")),
+                "shared_image_gallery_image_version",
+            ),
+            (
+                with("endpoint", json!("http://management.azure.com")),
+                "endpoint",
+            ),
             (with("subnet", json!("a/b")), "subnet"),
             (with("admin_username", json!("root")), "admin_username"),
         ] {
@@ -856,8 +937,14 @@ mod tests {
             preemptible: spot,
             ..InstanceType::minimal(size)
         };
-        assert_eq!(quota_group(&none, &t("Standard_D4s_v5", false)), "standardDSv5Family");
-        assert_eq!(quota_group(&none, &t("Standard_D4s_v5", true)), "standardDSv5Family-spot");
+        assert_eq!(
+            quota_group(&none, &t("Standard_D4s_v5", false)),
+            "standardDSv5Family"
+        );
+        assert_eq!(
+            quota_group(&none, &t("Standard_D4s_v5", true)),
+            "standardDSv5Family-spot"
+        );
         let mut groups = BTreeMap::new();
         groups.insert("Standard_NC".to_string(), "gpu".to_string());
         assert_eq!(quota_group(&groups, &t("Standard_NC6s_v3", false)), "gpu");
@@ -867,7 +954,10 @@ mod tests {
     fn vm_names_carry_the_set_and_fit_azure() {
         let id = InstanceSetId::parse("zzzzz-zzzzz-azureset0000000").expect("id");
         let name = new_vm_name(&id);
-        assert!(name.starts_with("dc-zzzzz-zzzzz-azureset0000000-"), "{name}");
+        assert!(
+            name.starts_with("dc-zzzzz-zzzzz-azureset0000000-"),
+            "{name}"
+        );
         assert_eq!(name.len(), 46);
         assert_ne!(name, new_vm_name(&id));
     }

@@ -75,7 +75,10 @@ async fn sweep(set: &SetInner, nics: Vec<Value>) {
         }
     }
     let disks = match set
-        .list(&format!("{}/providers/Microsoft.Compute/disks", set.rg_path), DISK_API)
+        .list(
+            &format!("{}/providers/Microsoft.Compute/disks", set.rg_path),
+            DISK_API,
+        )
         .await
     {
         Ok(d) => d,
@@ -86,8 +89,13 @@ async fn sweep(set: &SetInner, nics: Vec<Value>) {
     };
     for disk in &disks {
         let name = disk.get("name").and_then(Value::as_str).unwrap_or_default();
-        let state = disk.pointer("/properties/diskState").and_then(Value::as_str);
-        let managed_by = disk.get("managedBy").and_then(Value::as_str).unwrap_or_default();
+        let state = disk
+            .pointer("/properties/diskState")
+            .and_then(Value::as_str);
+        let managed_by = disk
+            .get("managedBy")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         if name.is_empty() || !managed_by.is_empty() || state.is_some_and(|s| s != "Unattached") {
             continue;
         }
@@ -113,7 +121,10 @@ async fn sweep(set: &SetInner, nics: Vec<Value>) {
             continue;
         }
         match set.delete(&set.disk_path(name), DISK_API).await {
-            Ok(()) => log::info!("sweeper: deleted disk {name}: unattached, {}s old", age.as_secs()),
+            Ok(()) => log::info!(
+                "sweeper: deleted disk {name}: unattached, {}s old",
+                age.as_secs()
+            ),
             Err(f) => log::warn!("sweeper: deleting disk {name}: {f}"),
         }
     }
@@ -152,9 +163,18 @@ mod tests {
     #[test]
     fn arm_times_parse() {
         assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(parse_rfc3339("2026-11-29T05:00:00.1234567+00:00"), Some(1_795_928_400));
-        assert_eq!(parse_rfc3339("2026-11-29T06:00:00+01:00"), Some(1_795_928_400));
-        assert_eq!(parse_rfc3339("2026-11-29T00:00:00-05:00"), Some(1_795_928_400));
+        assert_eq!(
+            parse_rfc3339("2026-11-29T05:00:00.1234567+00:00"),
+            Some(1_795_928_400)
+        );
+        assert_eq!(
+            parse_rfc3339("2026-11-29T06:00:00+01:00"),
+            Some(1_795_928_400)
+        );
+        assert_eq!(
+            parse_rfc3339("2026-11-29T00:00:00-05:00"),
+            Some(1_795_928_400)
+        );
         assert_eq!(parse_rfc3339("yesterday"), None);
     }
 }

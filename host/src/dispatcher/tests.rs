@@ -97,6 +97,8 @@ struct FakeCloud {
     destroy_failures_left: AtomicUsize,
     /// New VMs never answer SSH.
     unreachable_vms: AtomicBool,
+    /// New VMs have no address until a later listing (an Azure NIC's IP comes late).
+    late_addresses: AtomicBool,
     /// New VMs' runners refuse `start`.
     refusing_vms: AtomicBool,
     /// New VMs' runners start the run but report failure.
@@ -156,9 +158,14 @@ impl Cloud for FakeCloud {
                     .expect("world")
                     .insert(address.clone(), vm);
             }
+            let listed_address = if self.late_addresses.load(Ordering::SeqCst) {
+                String::new()
+            } else {
+                address
+            };
             let instance = Arc::new(FakeInstance {
                 id: id.clone(),
-                address: Mutex::new(address),
+                address: Mutex::new(listed_address),
                 tags: Mutex::new(request.tags),
             });
             self.instances
@@ -721,6 +728,44 @@ async fn a_vm_that_never_answers_is_shut_down_at_the_boot_timeout() {
     })
     .await;
     assert_eq!(rig.container(&id).dispatch_attempts, 0);
+    rig.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vm_whose_address_comes_at_a_later_listing_is_reached_there() {
+    let rig = Rig::start_with(|c| c.late_addresses.store(true, Ordering::SeqCst));
+    let id = rig.submit();
+    rig.eventually("a create", MINUTE, || !rig.cloud.ids().is_empty())
+        .await;
+    let instance = rig.cloud.ids()[0].clone();
+    assert_eq!(rig.cloud.address_of(&instance), "", "no address yet");
+    // Some probes come and go without an address; the container waits for this VM.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        matches!(
+            rig.state(&id),
+            ContainerState::Queued | ContainerState::Locked
+        ),
+        "{:?}",
+        rig.state(&id)
+    );
+    assert_eq!(
+        rig.world.commands_to("vm-0", "runner"),
+        0,
+        "nothing reached it"
+    );
+    // The NIC gets its IP; the next listing carries it and the executor follows.
+    *rig.cloud.instances.lock().expect("cloud")[&instance]
+        .address
+        .lock()
+        .expect("address") = "vm-0".into();
+    rig.until_state(&id, ContainerState::Running).await;
+    assert!(rig.world.commands_to("vm-0", "runner 'start'") > 0);
+    assert_eq!(
+        rig.cloud.ids(),
+        [instance],
+        "the same VM, not a replacement"
+    );
     rig.stop().await;
 }
 
