@@ -309,7 +309,7 @@ class Handler(BaseHTTPRequestHandler):
             return self.delete(key, error)
         if method == "PATCH":
             if not existing:
-                return self.reply(404, arm_error("ResourceNotFound", "The Resource '%s/%s' was not found." % (provider, name)))
+                return self.reply(404, arm_error("ResourceNotFound", "The Resource '%s/%s' under resource group '%s' was not found." % (provider, name, rg)))
             tags = (body or {}).get("tags")
             if not isinstance(tags, dict):
                 return self.reply(400, arm_error("InvalidRequestContent", "PATCH here only takes tags."))

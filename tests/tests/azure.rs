@@ -232,7 +232,7 @@ fn sets_in_one_resource_group_see_only_their_own_vms_and_listings_page() {
 #[test]
 fn a_nic_ip_that_comes_late_is_picked_up_by_a_later_listing() {
     let s = Setup::new(&[("late", "zzzzz-zzzzz-azurelateip0000", "")]);
-    s.fake.configure(json!({"nic_ip_delay": 2.5}));
+    s.fake.configure(json!({"nic_ip_delay": 6.0}));
     let set = s.open("late");
     let vm = set.create(&request(small())).expect("create");
     assert_eq!(vm.address(), "", "no IP yet");
@@ -282,6 +282,34 @@ fn a_failed_vm_create_leaves_no_nic() {
 }
 
 #[test]
+fn a_throttled_or_failing_poll_is_asked_again() {
+    let s = Setup::new(&[("poll", "zzzzz-zzzzz-azurepolling000", "")]);
+    let set = s.open("poll");
+    let operations = "/operations/";
+    s.fake.inject(
+        "GET",
+        operations,
+        json!({"respond": {"status": 429, "headers": {"Retry-After": "1"}, "body": {"error": {"code": "TooManyRequests", "message": "throttled"}}}}),
+    );
+    s.fake.inject(
+        "GET",
+        operations,
+        json!({"respond": {"status": 503, "body": {"error": {"code": "ServiceUnavailable", "message": "try later"}}}}),
+    );
+    let vm = set
+        .create(&request(small()))
+        .expect("the create rides out its polls' failures");
+    let polls: Vec<Value> = s
+        .calls("GET", operations)
+        .into_iter()
+        .map(|r| r["status"].clone())
+        .collect();
+    assert_eq!(&polls[..2], &[json!(429), json!(503)], "{polls:?}");
+    assert_eq!(s.names("virtualMachines"), [vm.id()]);
+    vm.destroy().expect("destroy");
+}
+
+#[test]
 fn dangling_nics_and_disks_older_than_the_threshold_are_swept() {
     let s = Setup::new(&[(
         "sw",
@@ -299,6 +327,13 @@ fn dangling_nics_and_disks_older_than_the_threshold_are_swept() {
     young_tags["dispatch-cloud-created-at"] = json!((old + 595).to_string());
     s.fake.orphan("nic", "old-nic", 600, old_tags.clone());
     s.fake.orphan("nic", "young-nic", 5, young_tags);
+    // Our name, another set's tag: the tag decides.
+    s.fake.orphan(
+        "nic",
+        "dc-zzzzz-zzzzz-azuresweep00000-borrowed-nic",
+        600,
+        json!({"dispatch-cloud-instance-set": "zzzzz-zzzzz-anothersetxxxxx", "dispatch-cloud-created-at": old.to_string()}),
+    );
     s.fake.orphan(
         "nic",
         "someone-elses-nic",
@@ -326,6 +361,10 @@ fn dangling_nics_and_disks_older_than_the_threshold_are_swept() {
     let nics = s.names("networkInterfaces");
     assert!(nics.contains(&"young-nic".to_string()), "{nics:?}");
     assert!(nics.contains(&"someone-elses-nic".to_string()), "{nics:?}");
+    assert!(
+        nics.contains(&"dc-zzzzz-zzzzz-azuresweep00000-borrowed-nic".to_string()),
+        "{nics:?}"
+    );
     assert!(s
         .names("disks")
         .contains(&"data-disk-of-another-team".to_string()));
@@ -425,7 +464,7 @@ fn what_create_sends_custom_data_key_tags_spot_and_scratch() {
             preemptible: true,
             ..InstanceType::minimal("Standard_D4s_v5")
         }),
-        "standardDSv5Family-spot"
+        "lowPriorityCores"
     );
 
     // set_tags: a PATCH that keeps the set ID.

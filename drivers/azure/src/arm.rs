@@ -95,7 +95,7 @@ impl Arm {
             format!("{}{url}", self.endpoint)
         };
         // URLs from ARM's own headers go to ARM only: the token must never leave for elsewhere.
-        if !full.starts_with(&self.endpoint) {
+        if !below(&self.endpoint, &full) {
             return Err(ArmFailure::local(format!(
                 "refusing to follow {full}: not below the endpoint {}",
                 self.endpoint
@@ -163,12 +163,19 @@ impl Arm {
                     "{resource}: not finished after {limit:?} (operation_timeout_seconds)"
                 )));
             }
-            // ARM's Retry-After paces the polls; without one, 0.2 s growing to 5 s.
-            let wait = hint.unwrap_or(pause).min(Duration::from_secs(30));
+            // ARM's Retry-After paces the polls (at least 1 s, at most 30 s); without one,
+            // 0.2 s growing to 5 s.
+            let wait = hint
+                .map(|h| h.clamp(Duration::from_secs(1), Duration::from_secs(30)))
+                .unwrap_or(pause);
             tokio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now()))).await;
             pause = (pause * 3 / 2).min(Duration::from_secs(5));
             if let Some(url) = &async_op {
-                let status = self.send(Method::GET, url, None, None).await?;
+                let Some(status) =
+                    transient_ok(self.send(Method::GET, url, None, None).await, &mut hint)?
+                else {
+                    continue;
+                };
                 hint = retry_after(&status.headers);
                 match status.body.get("status").and_then(Value::as_str) {
                     Some("Succeeded") => return Ok(()),
@@ -179,21 +186,64 @@ impl Arm {
                 }
             }
             if let Some(url) = &location {
-                let polled = self.send(Method::GET, url, None, None).await?;
+                let Some(polled) =
+                    transient_ok(self.send(Method::GET, url, None, None).await, &mut hint)?
+                else {
+                    continue;
+                };
                 hint = retry_after(&polled.headers);
                 if polled.status == StatusCode::ACCEPTED {
                     continue;
                 }
                 return Ok(());
             }
-            let current = self
-                .send(Method::GET, resource, Some(api_version), None)
-                .await?;
+            let Some(current) = transient_ok(
+                self.send(Method::GET, resource, Some(api_version), None)
+                    .await,
+                &mut hint,
+            )?
+            else {
+                continue;
+            };
             if provisioning_done(&current.body)? {
                 return Ok(());
             }
         }
     }
+}
+
+/// A poll that failed for a reason that passes (throttled, a server error, no answer) is
+/// `Ok(None)`: the operation is still going, ask again. Anything else ends the wait.
+fn transient_ok(
+    polled: Result<Reply, ArmFailure>,
+    hint: &mut Option<Duration>,
+) -> Result<Option<Reply>, ArmFailure> {
+    match polled {
+        Ok(reply) => Ok(Some(reply)),
+        Err(f) if f.http_status.is_none_or(|s| s == 429 || s >= 500) => {
+            log::debug!("polling an operation: {f}; asking again");
+            *hint = f.retry_after;
+            Ok(None)
+        }
+        Err(f) => Err(f),
+    }
+}
+
+/// Whether `url` lies below `endpoint`: same scheme, host and port (443 written or not), and
+/// a path under the endpoint's. A prefix test of the text would pass
+/// `https://management.azure.com.evil.net/` and `https://management.azure.com@evil.net/`.
+pub fn below(endpoint: &str, url: &str) -> bool {
+    let (Ok(base), Ok(target)) = (reqwest::Url::parse(endpoint), reqwest::Url::parse(url)) else {
+        return false;
+    };
+    let base_path = base.path().trim_end_matches('/');
+    let path_ok = target.path() == base_path || target.path().starts_with(&format!("{base_path}/"));
+    base.scheme() == target.scheme()
+        && base.host_str() == target.host_str()
+        && base.port_or_known_default() == target.port_or_known_default()
+        && target.username().is_empty()
+        && target.password().is_none()
+        && path_ok
 }
 
 /// Whether a resource body's `provisioningState` is final (`Err` when it failed).
@@ -222,16 +272,64 @@ fn header(headers: &HeaderMap, name: &str) -> Option<String> {
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let text = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(seconds) = text.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
+        return Some(Duration::from_secs(seconds).min(LONGEST_RETRY_AFTER));
     }
     let when = httpdate::parse_http_date(text).ok()?;
     Some(
         when.duration_since(std::time::SystemTime::now())
-            .unwrap_or_default(),
+            .unwrap_or_default()
+            .min(LONGEST_RETRY_AFTER),
     )
 }
+
+/// No server gets to park us for more than an hour.
+pub const LONGEST_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// The path of a URL, for messages (query strings can carry tokens in other APIs).
 fn path_of(url: &str) -> &str {
     url.split('?').next().unwrap_or(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_urls_below_the_endpoint_get_the_token() {
+        let e = "https://management.azure.com";
+        assert!(below(
+            e,
+            "https://management.azure.com/subscriptions/s?api-version=1"
+        ));
+        assert!(below(
+            e,
+            "https://management.azure.com:443/subscriptions/s/operations/x"
+        ));
+        for foreign in [
+            "https://management.azure.com.evil.net/subscriptions/s",
+            "https://management.azure.com@evil.net/subscriptions/s",
+            "https://user:pw@management.azure.com/subscriptions/s",
+            "http://management.azure.com/subscriptions/s",
+            "https://management.azure.com:8443/subscriptions/s",
+            "https://evil.net/https://management.azure.com/",
+            "not a url",
+        ] {
+            assert!(!below(e, foreign), "{foreign}");
+        }
+        assert!(below(
+            "https://127.0.0.1:8443/arm",
+            "https://127.0.0.1:8443/arm/subscriptions"
+        ));
+        assert!(!below(
+            "https://127.0.0.1:8443/arm",
+            "https://127.0.0.1:8443/armory"
+        ));
+    }
+
+    #[test]
+    fn retry_after_is_capped() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, "18446744073709551615".parse().expect("header"));
+        assert_eq!(retry_after(&h), Some(LONGEST_RETRY_AFTER));
+    }
 }

@@ -6,6 +6,10 @@ use driver_abi::{CapacityScope, DriverError};
 use reqwest::header::HeaderMap;
 use serde_json::Value;
 
+/// The quota group of every Spot size: Azure counts all Spot vCPUs of a region against one
+/// limit, whatever the family.
+pub const SPOT_QUOTA_GROUP: &str = "lowPriorityCores";
+
 /// How long to hold off after a 429 that names no time.
 pub const DEFAULT_RATE_LIMIT_WAIT: Duration = Duration::from_secs(20);
 
@@ -103,7 +107,7 @@ impl ArmFailure {
     /// Quota text: "… exceeding approved standardDSv5Family Cores quota …",
     /// "… exceeding quota limit …", "QuotaExceeded".
     fn is_quota(&self) -> bool {
-        self.has_code(&["QuotaExceeded", "ResourceQuotaExceeded"])
+        self.has_code(&["QuotaExceeded", "ResourceQuotaExceeded", "SubnetIsFull"])
             || (self.has_code(&["OperationNotAllowed"])
                 && self.message.to_lowercase().contains("quota"))
     }
@@ -111,6 +115,7 @@ impl ArmFailure {
     /// Errors worth trying again later with the same size elsewhere or at another time.
     pub fn is_capacity(&self) -> bool {
         self.has_code(&[
+            "SpotPriceGreaterThanProvidedMaxPrice",
             "AllocationFailed",
             "ZonalAllocationFailed",
             "SkuNotAvailable",
@@ -155,7 +160,6 @@ const CONFIG_HINTS: &[(&str, &str)] = &[
     ("/virtualNetworks/", "network / network_resource_group"),
     ("/galleries/", "shared_image_gallery_name / the image"),
     ("/images/", "image_resource_group / the image"),
-    ("resource group", "resource_group"),
 ];
 
 /// Classifies `f` from `call`; `instance_type` and `quota_group` name the capacity scope.
@@ -165,15 +169,24 @@ pub fn classify(call: &str, f: &ArmFailure, instance_type: &str, quota_group: &s
     // header of every 429 and crashed on one without it).
     if f.http_status == Some(429) || f.retry_after.is_some() {
         let wait = f.retry_after.unwrap_or(DEFAULT_RATE_LIMIT_WAIT);
-        return DriverError::rate_limit(SystemTime::now() + wait, text);
+        let until = SystemTime::now()
+            .checked_add(wait)
+            .unwrap_or_else(|| SystemTime::now() + crate::arm::LONGEST_RETRY_AFTER);
+        return DriverError::rate_limit(until, text);
     }
     if f.is_quota() {
-        // A family's cores ("standardDSv5Family Cores quota") or the Spot cores limit only
-        // some sizes; the region's total cores everything.
+        // A family's cores ("standardDSv5Family Cores quota") limit only that family; the
+        // Spot cores ("LowPriorityCores", "Low Priority Cores") only Spot sizes, which share
+        // one group; the region's total cores everything.
         let lower = f.message.to_lowercase();
+        let spot_quota = lower.contains("lowpriority") || lower.contains("low priority");
+        let spot_type = quota_group.ends_with("-spot") || quota_group == SPOT_QUOTA_GROUP;
         let scoped = !quota_group.is_empty()
-            && (lower.contains(&quota_group.trim_end_matches("-spot").to_lowercase())
-                || (quota_group.ends_with("-spot") && lower.contains("lowpriority")));
+            && if spot_quota {
+                spot_type
+            } else {
+                lower.contains(&quota_group.to_lowercase())
+            };
         return if scoped {
             DriverError::capacity(CapacityScope::QuotaGroup(quota_group.to_string()), text)
         } else {
@@ -188,7 +201,6 @@ pub fn classify(call: &str, f: &ArmFailure, instance_type: &str, quota_group: &s
             "InvalidAuthenticationToken",
             "InvalidAuthenticationTokenTenant",
             "AuthenticationFailed",
-            "ExpiredAuthenticationToken",
         ])
         || f.http_status == Some(401)
     {
@@ -301,8 +313,19 @@ mod tests {
             409,
             r#"{"error":{"code":"OperationNotAllowed","message":"Operation could not be completed as it results in exceeding approved LowPriorityCores quota. Location: eastus, Current Limit: 3, Current Usage: 0, Additional Required: 4."}}"#,
         );
-        let e = classify("PUT", &spot, "Standard_D4s_v5", "standardDSv5Family-spot");
+        let e = classify("PUT", &spot, "Standard_D4s_v5", SPOT_QUOTA_GROUP);
         assert_eq!(e.kind(), "capacity", "{e}");
+        let spaced = failure(
+            409,
+            r#"{"error":{"code":"OperationNotAllowed","message":"Operation could not be completed as it results in exceeding approved Low Priority Cores quota."}}"#,
+        );
+        let e = classify("PUT", &spaced, "Standard_D4s_v5", SPOT_QUOTA_GROUP);
+        assert_eq!(e.kind(), "capacity", "{e}");
+        assert_eq!(
+            kind_of(&spaced).kind(),
+            "quota",
+            "not the on-demand family's"
+        );
     }
 
     #[test]
@@ -378,6 +401,32 @@ mod tests {
             assert_eq!(e.kind(), "invalid_config", "{body}");
             assert!(e.to_string().contains(param), "{param}: {e}");
         }
+    }
+
+    #[test]
+    fn a_vm_that_is_gone_is_not_a_configuration_error() {
+        let gone = failure(
+            404,
+            r#"{"error":{"code":"ResourceNotFound","message":"The Resource 'Microsoft.Compute/virtualMachines/dc-x' under resource group 'batch' was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix"}}"#,
+        );
+        assert_eq!(
+            classify("PATCH virtualMachines dc-x", &gone, "", "").kind(),
+            "other"
+        );
+    }
+
+    #[test]
+    fn a_full_subnet_is_a_quota_and_an_outbid_spot_request_capacity() {
+        let full = failure(
+            400,
+            r#"{"error":{"code":"SubnetIsFull","message":"Subnet workers with address prefix 10.0.0.0/28 does not have enough capacity for 1 IP addresses."}}"#,
+        );
+        assert_eq!(kind_of(&full).kind(), "quota");
+        let outbid = failure(
+            409,
+            r#"{"error":{"code":"SpotPriceGreaterThanProvidedMaxPrice","message":"Unable to perform operation 'Create VM' since the provided MaxPrice '0.01 USD' is lower than the current spot price '0.1 USD' for Azure Spot VM size 'Standard_D4s_v5' in region 'eastus'."}}"#,
+        );
+        assert_eq!(kind_of(&outbid).kind(), "capacity");
     }
 
     #[test]

@@ -35,7 +35,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::arm::{block_on, Arm};
-use crate::errors::{classify, ArmFailure};
+use crate::errors::{classify, ArmFailure, SPOT_QUOTA_GROUP};
 
 /// The tag holding the set ID on every VM, NIC and disk this driver creates.
 pub const SET_ID_TAG: &str = "dispatch-cloud-instance-set";
@@ -176,6 +176,24 @@ impl Params {
         }
         if secret && (self.tenant_id.is_none() || self.client_id.is_none()) {
             return bad("tenant_id / client_id: a client_secret needs both");
+        }
+        let id_ok = |v: &str| {
+            !v.is_empty()
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        };
+        for (name, value) in [
+            ("tenant_id", &self.tenant_id),
+            ("client_id", &self.client_id),
+        ] {
+            if let Some(v) = value {
+                if !id_ok(v) {
+                    return bad(format!("{name} = {v:?}: a GUID or a domain name"));
+                }
+            }
+        }
+        if self.request_timeout_seconds == 0 || self.operation_timeout_seconds == 0 {
+            return bad("request_timeout_seconds / operation_timeout_seconds: must be at least 1");
         }
         if self.managed_identity && self.tenant_id.is_some() {
             return bad("tenant_id: not used with managed_identity");
@@ -396,9 +414,12 @@ impl SetInner {
         }
     }
 
-    /// Every item of a list, following `nextLink`.
+    /// Every item of a list, following `nextLink` (a link seen before, or more pages than
+    /// any resource group holds, is an error rather than a loop).
     async fn list(&self, path: &str, api: &str) -> Result<Vec<Value>, ArmFailure> {
+        const MOST_PAGES: usize = 10_000;
         let mut out = Vec::new();
+        let mut seen = HashSet::new();
         let mut reply = self.arm.send(Method::GET, path, Some(api), None).await?;
         loop {
             if let Some(items) = reply.body.get("value").and_then(Value::as_array) {
@@ -406,6 +427,11 @@ impl SetInner {
             }
             match reply.body.get("nextLink").and_then(Value::as_str) {
                 Some(next) if !next.is_empty() => {
+                    if !seen.insert(next.to_string()) || seen.len() > MOST_PAGES {
+                        return Err(ArmFailure::local(format!(
+                            "listing {path}: nextLink repeats or never ends"
+                        )));
+                    }
                     let next = next.to_string();
                     reply = self.arm.send(Method::GET, &next, None, None).await?;
                 }
@@ -663,6 +689,10 @@ impl SetInner {
             .collect();
         let mut out = Vec::new();
         for vm in &vms {
+            let name = vm.get("name").and_then(Value::as_str).unwrap_or_default();
+            if !safe_name(name) {
+                continue;
+            }
             let tags = tags_of(vm);
             if tags.get(SET_ID_TAG).map(String::as_str) != Some(self.set_id.as_str()) {
                 continue;
@@ -719,19 +749,55 @@ fn new_vm_name(set_id: &InstanceSetId) -> String {
     format!("dc-{set_id}-{suffix}")
 }
 
-/// The quota group of `t`: the longest configured prefix of its size, else Azure's vCPU quota
-/// family (`Standard_D4s_v5` → `standardDSv5Family`); `-spot` for Spot VMs.
+/// The quota group of `t`: the longest configured prefix of its size (with `-spot` for Spot
+/// VMs), else Azure's vCPU quota family (`Standard_D4s_v5` → `standardDSv5Family`) on demand
+/// and `lowPriorityCores` for every Spot size, since Azure counts all Spot vCPUs of a region
+/// against that one limit.
 pub fn quota_group(groups: &BTreeMap<String, String>, t: &InstanceType) -> String {
-    let group = groups
+    let configured = groups
         .iter()
         .filter(|(prefix, _)| t.provider_type.starts_with(prefix.as_str()))
         .max_by_key(|(prefix, _)| prefix.len())
-        .map(|(_, g)| g.clone())
-        .unwrap_or_else(|| family::vm_family(&t.provider_type));
-    if t.preemptible {
-        format!("{group}-spot")
-    } else {
-        group
+        .map(|(_, g)| g.clone());
+    match (configured, t.preemptible) {
+        (Some(g), true) => format!("{g}-spot"),
+        (Some(g), false) => g,
+        (None, true) => SPOT_QUOTA_GROUP.to_string(),
+        (None, false) => family::vm_family(&t.provider_type),
+    }
+}
+
+/// Whether a name from ARM can go into a request path as it is.
+pub(crate) fn safe_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Marks a VM name as being created for as long as it lives, panics included: the sweeper
+/// leaves its NIC and disks alone meanwhile.
+struct InFlight<'a> {
+    set: &'a SetInner,
+    name: String,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(set: &'a SetInner, name: &str) -> Self {
+        if let Ok(mut f) = set.in_flight.lock() {
+            f.insert(name.to_string());
+        }
+        InFlight {
+            set,
+            name: name.to_string(),
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut f = self.set.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        f.remove(&self.name);
     }
 }
 
@@ -749,13 +815,10 @@ impl InstanceSet for AzureSet {
         }
         s.image_reference(&request.image_id)?;
         let name = new_vm_name(&s.set_id);
-        if let Ok(mut f) = s.in_flight.lock() {
-            f.insert(name.clone());
-        }
-        let result = block_on(s.create(request, &name)).map_err(DriverError::other);
-        if let Ok(mut f) = s.in_flight.lock() {
-            f.remove(&name);
-        }
+        let result = {
+            let _creating = InFlight::new(s, &name);
+            block_on(s.create(request, &name)).map_err(DriverError::other)
+        };
         match result? {
             Ok(vm) => {
                 log::info!("instance={name}: created ({})", t.provider_type);
@@ -943,11 +1006,20 @@ mod tests {
         );
         assert_eq!(
             quota_group(&none, &t("Standard_D4s_v5", true)),
-            "standardDSv5Family-spot"
+            "lowPriorityCores"
         );
         let mut groups = BTreeMap::new();
         groups.insert("Standard_NC".to_string(), "gpu".to_string());
         assert_eq!(quota_group(&groups, &t("Standard_NC6s_v3", false)), "gpu");
+        assert_eq!(
+            quota_group(&groups, &t("Standard_NC6s_v3", true)),
+            "gpu-spot"
+        );
+        assert_eq!(
+            quota_group(&none, &t("Standard_E8s_v3", true)),
+            "lowPriorityCores",
+            "one Spot limit for every family"
+        );
     }
 
     #[test]

@@ -37,14 +37,30 @@ pub fn maybe_start(set: &Arc<SetInner>, nics: Vec<Value>) {
     };
     let set = Arc::clone(set);
     rt.spawn(async move {
+        // Cleared even if the sweep panics, or no sweep would ever run again.
+        let _running = Running(&set.sweeper.running);
         sweep(&set, nics).await;
-        set.sweeper.running.store(false, Ordering::Release);
     });
 }
 
+struct Running<'a>(&'a AtomicBool);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// The set-ID tag decides; a resource without one (a disk ARM made before it was tagged) is
+/// ours by its name.
 fn is_ours(set: &SetInner, resource: &Value, name: &str) -> bool {
-    tags_of(resource).get(SET_ID_TAG).map(String::as_str) == Some(set.set_id.as_str())
-        || name.starts_with(&set.name_prefix())
+    if !crate::safe_name(name) {
+        return false;
+    }
+    match tags_of(resource).get(SET_ID_TAG) {
+        Some(tag) => tag == set.set_id.as_str(),
+        None => name.starts_with(&set.name_prefix()),
+    }
 }
 
 async fn sweep(set: &SetInner, nics: Vec<Value>) {
