@@ -18,15 +18,13 @@ Prints "listening on https://127.0.0.1:PORT" and "control on http://127.0.0.1:PO
 
 import argparse
 import json
-import os
 import re
 import secrets
-import ssl
-import sys
 import threading
 import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from fakelib import FakeHandler, serve
 
 SUBSCRIPTION = "00000000-0000-0000-0000-000000000000"
 TENANT = "11111111-1111-1111-1111-111111111111"
@@ -95,41 +93,9 @@ class Operation:
         return {"status": "Succeeded", "name": self.id}
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class Handler(FakeHandler):
     state = None
     base = None  # https://127.0.0.1:PORT
-
-    def log_message(self, fmt, *args):  # the request log is /fake/requests
-        pass
-
-    def reply(self, status, body=None, headers=None):
-        data = b"" if body is None else json.dumps(body).encode()
-        self.send_response(status)
-        if body is not None:
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-        if self.entry is not None:
-            self.entry["status"] = status
-
-    def do_GET(self):
-        self.route("GET")
-
-    def do_PUT(self):
-        self.route("PUT")
-
-    def do_PATCH(self):
-        self.route("PATCH")
-
-    def do_POST(self):
-        self.route("POST")
-
-    def do_DELETE(self):
-        self.route("DELETE")
 
     def route(self, method):
         self.entry = None
@@ -223,18 +189,6 @@ class Handler(BaseHTTPRequestHandler):
                                             "tags": tags, "properties": props, "_created": created}
                 return self.reply(200, {})
         self.reply(404, {"error": "no such control"})
-
-    def injected_for(self, method, path):
-        s = self.state
-        for fault in s.injected:
-            m = fault.get("match", {})
-            if m.get("method", method) != method or not re.search(m.get("path", ""), path):
-                continue
-            fault["times"] -= 1
-            if fault["times"] <= 0:
-                s.injected.remove(fault)
-            return fault
-        return None
 
     # ---- ARM --------------------------------------------------------------------------------
 
@@ -470,24 +424,7 @@ def main():
     ap.add_argument("--nic-ip-delay", type=float, default=0.0)
     args = ap.parse_args()
     Handler.state = State(args.operation_delay, args.nic_ip_delay)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(args.cert, args.key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    Handler.base = "https://127.0.0.1:%d" % server.server_address[1]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    # The test's controls (/fake/…) also answer over plain HTTP, for clients without TLS.
-    control = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    control.daemon_threads = True
-    threading.Thread(target=control.serve_forever, daemon=True).start()
-    print("listening on " + Handler.base, flush=True)
-    print("control on http://127.0.0.1:%d" % control.server_address[1], flush=True)
-    try:
-        sys.stdin.read()
-    finally:
-        os._exit(0)
-
+    serve(Handler, args.cert, args.key)
 
 if __name__ == "__main__":
     main()

@@ -19,14 +19,13 @@ import argparse
 import base64
 import hashlib
 import json
-import os
 import re
 import secrets
-import sys
 import threading
 import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from fakelib import FakeHandler, serve
 
 CLIENT_ID = "fake-client-id.apps.googleusercontent.com"
 CLIENT_SECRET = "fake-client-secret"
@@ -150,46 +149,14 @@ class Operation:
         return out
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class Handler(FakeHandler):
     state = None  # set in main
-
-    def log_message(self, fmt, *args):  # the request log is /fake/requests
-        pass
-
-    # ---- plumbing -------------------------------------------------------------------------
-
-    def reply(self, status, body, headers=None):
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=UTF-8")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-        if self.entry is not None:
-            self.entry["status"] = status
-
-    def body(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        return raw
-
-    def do_GET(self):
-        self.route("GET")
-
-    def do_POST(self):
-        self.route("POST")
-
-    def do_DELETE(self):
-        self.route("DELETE")
 
     def route(self, method):
         self.entry = None
         url = urllib.parse.urlsplit(self.path)
         query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
-        raw = self.body()
+        raw = self.read_body()
         path = url.path
         try:
             if path == "/token" and method == "POST":
@@ -301,21 +268,6 @@ class Handler(BaseHTTPRequestHandler):
                     op.settle()
                 return self.reply(200, [i for i in s.instances.values()])
         self.reply(404, {"error": "no such control"})
-
-    def injected_for(self, method, path):
-        """The first injected fault matching this call, consumed."""
-        s = self.state
-        for fault in s.injected:
-            m = fault.get("match", {})
-            if m.get("method", method) != method:
-                continue
-            if not re.search(m.get("path", ""), path):
-                continue
-            fault["times"] -= 1
-            if fault["times"] <= 0:
-                s.injected.remove(fault)
-            return fault
-        return None
 
     # ---- Compute --------------------------------------------------------------------------
 
@@ -589,15 +541,7 @@ def main():
         with open(args.service_account_public) as f:
             account = json.load(f)
     Handler.state = State(args.operation_delay, account)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    print("listening on http://127.0.0.1:%d" % server.server_address[1], flush=True)
-    # The test holds our stdin: when it goes away, so do we.
-    try:
-        sys.stdin.read()
-    finally:
-        os._exit(0)
+    serve(Handler)
 
 
 if __name__ == "__main__":

@@ -187,6 +187,132 @@ pub fn write_plugins_toml(dir: &Path, text: &str) -> PathBuf {
     path
 }
 
+/// The `[[plugins]]` entry of `name` at `so`, pinned by its hash.
+pub fn pinned_plugin_entry(name: &str, so: &Path) -> String {
+    format!(
+        "[[plugins]]\nname = \"{name}\"\npath = {:?}\nsha256 = \"{}\"\n",
+        so.display().to_string(),
+        sha256_hex(so)
+    )
+}
+
+/// The lifecycle steps `driver-test --skip-ssh` must pass for any driver.
+pub const LIFECYCLE_STEPS: &[&str] = &[
+    "PASS create an instance",
+    "PASS new instance appears in the filtered list",
+    "PASS tags round-trip",
+    "PASS set_tags is seen by the next listing",
+    "PASS destroy, and the instance disappears",
+];
+
+/// Runs `dispatch-cloud driver-test --skip-ssh` on instance set `set` of `plugins` (with
+/// `env` set, or removed where `None`), asserts it passed every lifecycle step without
+/// probing, and returns its output.
+pub fn assert_driver_test_passes(
+    plugins: &Path,
+    set: &str,
+    instance_type: &str,
+    image: &str,
+    env: &[(&str, Option<&std::ffi::OsStr>)],
+) -> String {
+    let mut command = Command::new(built("dispatch-cloud"));
+    command.args([
+        "driver-test".as_ref(),
+        "--plugins".as_ref(),
+        plugins.as_os_str(),
+        "--instance-set".as_ref(),
+        set.as_ref(),
+        "--instance-type".as_ref(),
+        instance_type.as_ref(),
+        "--image".as_ref(),
+        image.as_ref() as &std::ffi::OsStr,
+        "--skip-ssh".as_ref(),
+    ]);
+    for (k, v) in env {
+        match v {
+            Some(v) => command.env(k, v),
+            None => command.env_remove(k),
+        };
+    }
+    let out = command.output().expect("run driver-test");
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    for step in LIFECYCLE_STEPS {
+        assert!(stdout.contains(step), "{step:?} missing:\n{stdout}");
+    }
+    assert!(
+        !stdout.contains("boot probe"),
+        "--skip-ssh still probed:\n{stdout}"
+    );
+    stdout
+}
+
+/// A driver's real `.so` loaded from a catalogue written to a temporary directory.
+pub struct DriverUnderTest {
+    pub dir: tempfile::TempDir,
+    pub catalogue: Catalogue,
+    pub loaded: LoadedPlugin,
+}
+
+impl DriverUnderTest {
+    /// Writes `text` as `plugins.toml` and loads the plugin `driver` from it.
+    pub fn load(text: &str, driver: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tmp");
+        Self::load_in(dir, text, driver)
+    }
+
+    /// The same in `dir` (when the catalogue names files there).
+    pub fn load_in(dir: tempfile::TempDir, text: &str, driver: &str) -> Self {
+        let file = write_plugins_toml(dir.path(), text);
+        let catalogue = Catalogue::load(&file).expect("catalogue");
+        let loaded = plugin::load(catalogue.plugin(driver).expect("entry")).expect("the .so loads");
+        assert_eq!(loaded.driver_name, driver);
+        DriverUnderTest {
+            dir,
+            catalogue,
+            loaded,
+        }
+    }
+
+    pub fn open(&self, set: &str) -> Arc<dyn InstanceSet> {
+        Arc::from(self.open_result(set).expect("instance set"))
+    }
+
+    /// The error opening `set` gives (panics if it opens).
+    pub fn open_err(&self, set: &str) -> driver_abi::DriverError {
+        match self.open_result(set) {
+            Ok(_) => panic!("instance set {set} opened"),
+            Err(e) => e,
+        }
+    }
+
+    fn open_result(&self, set: &str) -> Result<Box<dyn InstanceSet>, driver_abi::DriverError> {
+        self.loaded.new_instance_set(
+            self.catalogue.instance_set(set).expect("set"),
+            &driver_abi::Tags::new(),
+        )
+    }
+}
+
+/// How long a `RateLimit` error asks to wait from now (panics on any other error).
+pub fn rate_limit_wait(e: &driver_abi::DriverError) -> Duration {
+    match e {
+        driver_abi::DriverError::RateLimit { earliest_retry, .. } => earliest_retry
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+        other => panic!("not a rate limit: {other:?}"),
+    }
+}
+
+/// A fresh OpenSSH ed25519 public key line.
+pub fn test_public_key() -> String {
+    dispatch_cloud::ssh::generate_key()
+        .expect("key")
+        .public_key()
+        .to_openssh()
+        .expect("openssh")
+}
+
 /// A catalogue with the loopback plugin and one instance set `name` on `cloud`.
 pub fn loopback_catalogue_text(cloud: &LoopbackCloud, set_id: &str, extra_params: &str) -> String {
     format!(

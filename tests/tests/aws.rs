@@ -19,11 +19,7 @@ fn some_image(moto: &MotoServer) -> String {
 }
 
 fn catalogue(dir: &std::path::Path, moto: &MotoServer, sets: &[(&str, &str, &str)]) -> Catalogue {
-    let mut text = format!(
-        "[[plugins]]\nname = \"aws\"\npath = {:?}\nsha256 = \"{}\"\n",
-        aws_so().display().to_string(),
-        sha256_hex(&aws_so())
-    );
+    let mut text = pinned_plugin_entry("aws", &aws_so());
     for (name, set_id, extra) in sets {
         text.push_str(&format!(
             "\n[[instance_sets]]\nname = \"{name}\"\ndriver = \"aws\"\nset_id = \"{set_id}\"\n[instance_sets.parameters]\nregion = \"us-east-1\"\nendpoint = \"{}\"\naccess_key_id = \"testing\"\nsecret_access_key = \"testing\"\n{extra}\n",
@@ -54,14 +50,6 @@ fn request(image: &str, t: InstanceType, key: Option<String>) -> CreateRequest {
     }
 }
 
-fn public_key() -> String {
-    dispatch_cloud::ssh::generate_key()
-        .expect("key")
-        .public_key()
-        .to_openssh()
-        .expect("openssh")
-}
-
 #[test]
 fn the_real_so_passes_driver_test_against_moto() {
     let moto = MotoServer::start();
@@ -73,33 +61,7 @@ fn the_real_so_passes_driver_test_against_moto() {
         &[("ec2", "zzzzz-zzzzz-awsconformance0", "")],
     );
     let file = dir.path().join("plugins.toml");
-    let out = cli(&[
-        "driver-test",
-        "--plugins",
-        file.to_str().expect("utf8"),
-        "--instance-set",
-        "ec2",
-        "--instance-type",
-        "t3.micro",
-        "--image",
-        &image,
-        "--skip-ssh",
-    ]);
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
-    for step in [
-        "PASS create an instance",
-        "PASS new instance appears in the filtered list",
-        "PASS tags round-trip",
-        "PASS set_tags is seen by the next listing",
-        "PASS destroy, and the instance disappears",
-    ] {
-        assert!(stdout.contains(step), "{step:?} missing:\n{stdout}");
-    }
-    assert!(
-        !stdout.contains("boot probe"),
-        "--skip-ssh still probed:\n{stdout}"
-    );
+    assert_driver_test_passes(&file, "ec2", "t3.micro", &image, &[]);
 }
 
 #[test]
@@ -119,7 +81,7 @@ fn sets_are_isolated_listings_paginate_and_keys_are_reused() {
     assert_eq!(loaded.driver_name, "aws");
     let a = open(&loaded, &c, "a");
     let b = open(&loaded, &c, "b");
-    let key = public_key();
+    let key = test_public_key();
     for _ in 0..12 {
         a.create(&request(
             &image,

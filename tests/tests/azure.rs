@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
-use dispatch_cloud::plugin::{self, Catalogue, LoadedPlugin};
 use driver_abi::{CapacityScope, CreateRequest, DriverError, InstanceSet, InstanceType, Tags};
 use serde_json::{json, Value};
 use system_tests::*;
@@ -22,11 +21,7 @@ fn azure_so() -> PathBuf {
 /// A pinned catalogue with one instance set per `(name, set ID, extra parameters)`; an extra
 /// parameter replaces the default of the same key.
 fn catalogue_text(fake: &AzureFake, sets: &[(&str, &str, &str)]) -> String {
-    let mut text = format!(
-        "[[plugins]]\nname = \"azure\"\npath = {:?}\nsha256 = \"{}\"\n",
-        azure_so().display().to_string(),
-        sha256_hex(&azure_so())
-    );
+    let mut text = pinned_plugin_entry("azure", &azure_so());
     for (name, set_id, extra) in sets {
         let defaults = [
             (
@@ -60,47 +55,21 @@ fn catalogue_text(fake: &AzureFake, sets: &[(&str, &str, &str)]) -> String {
 
 struct Setup {
     fake: AzureFake,
-    _dir: tempfile::TempDir,
-    catalogue: Catalogue,
-    loaded: LoadedPlugin,
+    driver: DriverUnderTest,
 }
 
 impl Setup {
     fn new(sets: &[(&str, &str, &str)]) -> Setup {
         let fake = AzureFake::start();
-        let dir = tempfile::tempdir().expect("tmp");
-        let file = write_plugins_toml(dir.path(), &catalogue_text(&fake, sets));
-        let catalogue = Catalogue::load(&file).expect("catalogue");
-        let loaded =
-            plugin::load(catalogue.plugin("azure").expect("entry")).expect("the .so loads");
-        assert_eq!(loaded.driver_name, "azure");
+        let text = catalogue_text(&fake, sets);
         Setup {
+            driver: DriverUnderTest::load(&text, "azure"),
             fake,
-            _dir: dir,
-            catalogue,
-            loaded,
         }
     }
 
     fn open(&self, name: &str) -> Arc<dyn InstanceSet> {
-        Arc::from(
-            self.loaded
-                .new_instance_set(
-                    self.catalogue.instance_set(name).expect("set"),
-                    &Tags::new(),
-                )
-                .expect("instance set"),
-        )
-    }
-
-    fn open_err(&self, name: &str) -> DriverError {
-        match self.loaded.new_instance_set(
-            self.catalogue.instance_set(name).expect("set"),
-            &Tags::new(),
-        ) {
-            Ok(_) => panic!("set {name} opened"),
-            Err(e) => e,
-        }
+        self.driver.open(name)
     }
 
     /// Logged requests with this method whose path matches `pattern`.
@@ -133,13 +102,7 @@ fn request(t: InstanceType) -> CreateRequest {
         image_id: IMAGE.into(),
         tags,
         init_command: "echo hello from init".into(),
-        public_key: Some(
-            dispatch_cloud::ssh::generate_key()
-                .expect("key")
-                .public_key()
-                .to_openssh()
-                .expect("openssh"),
-        ),
+        public_key: Some(test_public_key()),
     }
 }
 
@@ -155,29 +118,7 @@ fn the_real_so_passes_driver_test_against_the_fake() {
         dir.path(),
         &catalogue_text(&fake, &[("azure", "zzzzz-zzzzz-azureconformanc", "")]),
     );
-    let out = cli(&[
-        "driver-test",
-        "--plugins",
-        file.to_str().expect("utf8"),
-        "--instance-set",
-        "azure",
-        "--instance-type",
-        "Standard_D2s_v5",
-        "--image",
-        IMAGE,
-        "--skip-ssh",
-    ]);
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
-    for step in [
-        "PASS create an instance",
-        "PASS new instance appears in the filtered list",
-        "PASS tags round-trip",
-        "PASS set_tags is seen by the next listing",
-        "PASS destroy, and the instance disappears",
-    ] {
-        assert!(stdout.contains(step), "{step:?} missing:\n{stdout}");
-    }
+    assert_driver_test_passes(&file, "azure", "Standard_D2s_v5", IMAGE, &[]);
     let requests = fake.requests();
     assert!(
         requests.iter().filter(|r| r["method"] == "PUT").count() == 2,
@@ -480,15 +421,6 @@ fn what_create_sends_custom_data_key_tags_spot_and_scratch() {
     vm.destroy().expect("destroy");
 }
 
-fn wait_of(e: &DriverError) -> Duration {
-    match e {
-        DriverError::RateLimit { earliest_retry, .. } => earliest_retry
-            .duration_since(SystemTime::now())
-            .unwrap_or_default(),
-        other => panic!("not a rate limit: {other:?}"),
-    }
-}
-
 #[test]
 fn every_error_mapping_reaches_the_host_typed() {
     let s = Setup::new(&[
@@ -511,19 +443,19 @@ fn every_error_mapping_reaches_the_host_typed() {
 
     // 429 without Retry-After: 20 s; with one: that long; a Retry-After on a 503 too.
     s.fake.inject("GET", list, json!({"respond": {"status": 429, "body": {"error": {"code": "TooManyRequests", "message": "The request is being throttled."}}}}));
-    let w = wait_of(&set.instances(&Tags::new()).err().expect("429"));
+    let w = rate_limit_wait(&set.instances(&Tags::new()).err().expect("429"));
     assert!(
         (Duration::from_secs(15)..=Duration::from_secs(20)).contains(&w),
         "{w:?}"
     );
     s.fake.inject("GET", list, json!({"respond": {"status": 429, "headers": {"Retry-After": "7"}, "body": {"error": {"code": "TooManyRequests", "message": "throttled"}}}}));
-    let w = wait_of(&set.instances(&Tags::new()).err().expect("429"));
+    let w = rate_limit_wait(&set.instances(&Tags::new()).err().expect("429"));
     assert!(
         (Duration::from_secs(5)..=Duration::from_secs(7)).contains(&w),
         "{w:?}"
     );
     s.fake.inject("GET", list, json!({"respond": {"status": 503, "headers": {"Retry-After": "40"}, "body": {"error": {"code": "ServerBusy", "message": "busy"}}}}));
-    let w = wait_of(&set.instances(&Tags::new()).err().expect("503"));
+    let w = rate_limit_wait(&set.instances(&Tags::new()).err().expect("503"));
     assert!(w > Duration::from_secs(35), "{w:?}");
 
     let create = || set.create(&request(small()));
@@ -579,7 +511,7 @@ fn every_error_mapping_reaches_the_host_typed() {
         !e.to_string().contains("wr0ng-s3cret-value"),
         "the secret never shows: {e}"
     );
-    let e = s.open_err("typo");
+    let e = s.driver.open_err("typo");
     assert_eq!(e.kind(), "invalid_config");
     assert!(e.to_string().contains("subnett"), "{e}");
     let mut missing_image = request(small());

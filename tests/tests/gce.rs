@@ -5,9 +5,9 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use dispatch_cloud::plugin::{self, Catalogue, LoadedPlugin};
+use dispatch_cloud::plugin::{self, Catalogue};
 use driver_abi::{CapacityScope, CreateRequest, DriverError, InstanceSet, InstanceType, Tags};
 use serde_json::{json, Value};
 use system_tests::*;
@@ -21,11 +21,7 @@ fn gce_so() -> PathBuf {
 
 /// A pinned catalogue with one instance set per `(name, set ID, extra parameters)`.
 fn catalogue_text(fake: &GceFake, credentials: &Path, sets: &[(&str, &str, &str)]) -> String {
-    let mut text = format!(
-        "[[plugins]]\nname = \"gce\"\npath = {:?}\nsha256 = \"{}\"\n",
-        gce_so().display().to_string(),
-        sha256_hex(&gce_so())
-    );
+    let mut text = pinned_plugin_entry("gce", &gce_so());
     for (name, set_id, extra) in sets {
         let zones = if extra.contains("zones =") {
             String::new()
@@ -43,9 +39,7 @@ fn catalogue_text(fake: &GceFake, credentials: &Path, sets: &[(&str, &str, &str)
 
 struct Setup {
     fake: GceFake,
-    dir: tempfile::TempDir,
-    catalogue: Catalogue,
-    loaded: LoadedPlugin,
+    driver: DriverUnderTest,
 }
 
 impl Setup {
@@ -53,37 +47,15 @@ impl Setup {
         let fake = GceFake::start();
         let dir = tempfile::tempdir().expect("tmp");
         let credentials = fake.credentials_file(dir.path(), true);
-        let file = write_plugins_toml(dir.path(), &catalogue_text(&fake, &credentials, sets));
-        let catalogue = Catalogue::load(&file).expect("catalogue");
-        let loaded = plugin::load(catalogue.plugin("gce").expect("entry")).expect("the .so loads");
-        assert_eq!(loaded.driver_name, "gce");
+        let text = catalogue_text(&fake, &credentials, sets);
         Setup {
+            driver: DriverUnderTest::load_in(dir, &text, "gce"),
             fake,
-            dir,
-            catalogue,
-            loaded,
         }
     }
 
     fn open(&self, name: &str) -> Arc<dyn InstanceSet> {
-        Arc::from(
-            self.loaded
-                .new_instance_set(
-                    self.catalogue.instance_set(name).expect("set"),
-                    &Tags::new(),
-                )
-                .expect("instance set"),
-        )
-    }
-
-    fn open_err(&self, name: &str) -> DriverError {
-        self.loaded
-            .new_instance_set(
-                self.catalogue.instance_set(name).expect("set"),
-                &Tags::new(),
-            )
-            .err()
-            .expect("refused")
+        self.driver.open(name)
     }
 
     /// The logged requests whose method is `method` and whose path ends with `suffix`.
@@ -110,14 +82,6 @@ fn request(t: InstanceType, key: Option<String>) -> CreateRequest {
     }
 }
 
-fn public_key() -> String {
-    dispatch_cloud::ssh::generate_key()
-        .expect("key")
-        .public_key()
-        .to_openssh()
-        .expect("openssh")
-}
-
 /// The value of metadata item `key` in an instance (or insert body).
 fn metadata_item<'a>(instance: &'a Value, key: &str) -> Option<&'a str> {
     instance["metadata"]["items"]
@@ -140,29 +104,7 @@ fn the_real_so_passes_driver_test_against_the_fake() {
             &[("gce", "zzzzz-zzzzz-gceconformance0", "")],
         ),
     );
-    let out = cli(&[
-        "driver-test",
-        "--plugins",
-        file.to_str().expect("utf8"),
-        "--instance-set",
-        "gce",
-        "--instance-type",
-        "n2-standard-2",
-        "--image",
-        IMAGE,
-        "--skip-ssh",
-    ]);
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
-    for step in [
-        "PASS create an instance",
-        "PASS new instance appears in the filtered list",
-        "PASS tags round-trip",
-        "PASS set_tags is seen by the next listing",
-        "PASS destroy, and the instance disappears",
-    ] {
-        assert!(stdout.contains(step), "{step:?} missing:\n{stdout}");
-    }
+    assert_driver_test_passes(&file, "gce", "n2-standard-2", IMAGE, &[]);
     // Every Compute call carried a bearer token from the fake's token endpoint.
     let requests = fake.requests();
     for (method, suffix) in [
@@ -307,7 +249,7 @@ fn what_create_sends_spot_startup_script_ssh_keys_labels_and_tags() {
         "labels = { team = \"genomics\" }\nservice_account = \"vm@dispatch-test.iam.gserviceaccount.com\"\nscopes = [\"https://www.googleapis.com/auth/devstorage.read_only\"]\nsubnetwork = \"regions/us-central1/subnetworks/batch\"\nadmin_username = \"crunch\"",
     )]);
     let set = s.open("shape");
-    let key = public_key();
+    let key = test_public_key();
     let spot = InstanceType {
         preemptible: true,
         added_scratch_bytes: 50 << 30,
@@ -438,7 +380,7 @@ fn host_keys_are_checked_against_guest_attributes() {
     let vm = set
         .create(&request(InstanceType::minimal("e2-small"), None))
         .expect("create");
-    let key = public_key();
+    let key = test_public_key();
     let blob = key.split_whitespace().nth(1).expect("blob").to_string();
 
     // Nothing published yet: an error to retry at the next probe, never an acceptance.
@@ -457,7 +399,7 @@ fn host_keys_are_checked_against_guest_attributes() {
     );
     vm.verify_host_key(&key)
         .expect("the published key is accepted");
-    let stranger = public_key();
+    let stranger = test_public_key();
     let refused = vm
         .verify_host_key(&stranger)
         .expect_err("another key is refused");
@@ -468,15 +410,6 @@ fn host_keys_are_checked_against_guest_attributes() {
         .iter()
         .all(|r| r["query"]["queryPath"] == "hostkeys/"));
     vm.destroy().expect("destroy");
-}
-
-fn wait_of(e: &DriverError) -> Duration {
-    match e {
-        DriverError::RateLimit { earliest_retry, .. } => earliest_retry
-            .duration_since(SystemTime::now())
-            .unwrap_or_default(),
-        other => panic!("not a rate limit: {other:?}"),
-    }
 }
 
 #[test]
@@ -494,7 +427,10 @@ fn every_error_mapping_reaches_the_host_typed() {
         json!({"respond": {"status": 429, "headers": {"Retry-After": "30"}, "body": {"error": {"code": 429, "message": "Too Many Requests", "status": "RESOURCE_EXHAUSTED"}}}}),
     );
     let hinted = set.instances(&Tags::new()).err().expect("429");
-    assert!(wait_of(&hinted) > Duration::from_secs(25), "{hinted:?}");
+    assert!(
+        rate_limit_wait(&hinted) > Duration::from_secs(25),
+        "{hinted:?}"
+    );
     // 429 without a hint, then the legacy 403 rateLimitExceeded: a growing back-off.
     s.fake.inject(
         "GET",
@@ -506,8 +442,8 @@ fn every_error_mapping_reaches_the_host_typed() {
         list,
         json!({"respond": {"status": 403, "body": {"error": {"code": 403, "message": "Rate Limit Exceeded", "errors": [{"message": "Rate Limit Exceeded", "domain": "usageLimits", "reason": "rateLimitExceeded"}]}}}}),
     );
-    let first = wait_of(&set.instances(&Tags::new()).err().expect("429"));
-    let second = wait_of(&set.instances(&Tags::new()).err().expect("403"));
+    let first = rate_limit_wait(&set.instances(&Tags::new()).err().expect("429"));
+    let second = rate_limit_wait(&set.instances(&Tags::new()).err().expect("403"));
     assert!(second > first, "{first:?} then {second:?}");
     set.instances(&Tags::new())
         .expect("and then it answers again");
@@ -585,17 +521,18 @@ fn bad_parameters_and_credentials_are_named() {
         ("typo", "zzzzz-zzzzz-gcetypo00000000", "zoens = [\"x\"]"),
         ("nofile", "zzzzz-zzzzz-gcenofile000000", ""),
     ]);
-    let err = s.open_err("typo");
+    let err = s.driver.open_err("typo");
     assert_eq!(err.kind(), "invalid_config");
     assert!(err.to_string().contains("zoens"), "{err}");
 
     // A credentials file that is not there.
-    let original = std::fs::read_to_string(s.dir.path().join("plugins.toml")).expect("read");
-    let missing = s.dir.path().join("no-such-key.json");
+    let original = std::fs::read_to_string(s.driver.dir.path().join("plugins.toml")).expect("read");
+    let missing = s.driver.dir.path().join("no-such-key.json");
     let moved = original.replacen(
         &format!(
             "{:?}",
-            s.dir
+            s.driver
+                .dir
                 .path()
                 .join("gce-credentials.json")
                 .display()
@@ -604,8 +541,9 @@ fn bad_parameters_and_credentials_are_named() {
         &format!("{:?}", missing.display().to_string()),
         2,
     );
-    let c = Catalogue::load(&write_plugins_toml(s.dir.path(), &moved)).expect("catalogue");
+    let c = Catalogue::load(&write_plugins_toml(s.driver.dir.path(), &moved)).expect("catalogue");
     let err = s
+        .driver
         .loaded
         .new_instance_set(c.instance_set("nofile").expect("set"), &Tags::new())
         .err()
@@ -614,13 +552,15 @@ fn bad_parameters_and_credentials_are_named() {
     assert!(err.to_string().contains("credentials_file"), "{err}");
 
     // A refresh token the token endpoint refuses: the first call says which setting.
-    let revoked = s.fake.credentials_file(s.dir.path(), false);
+    let revoked = s.fake.credentials_file(s.driver.dir.path(), false);
     let with_revoked = moved.replace(
         &format!("{:?}", missing.display().to_string()),
         &format!("{:?}", revoked.display().to_string()),
     );
-    let c = Catalogue::load(&write_plugins_toml(s.dir.path(), &with_revoked)).expect("catalogue");
+    let c = Catalogue::load(&write_plugins_toml(s.driver.dir.path(), &with_revoked))
+        .expect("catalogue");
     let set = s
+        .driver
         .loaded
         .new_instance_set(c.instance_set("nofile").expect("set"), &Tags::new())
         .expect("the set opens; the token is fetched on use");
@@ -634,7 +574,7 @@ fn bad_parameters_and_credentials_are_named() {
         &format!("credentials_file = {:?}\n", revoked.display().to_string()),
         "",
     );
-    let file = write_plugins_toml(s.dir.path(), &no_file);
+    let file = write_plugins_toml(s.driver.dir.path(), &no_file);
     let out = std::process::Command::new(built("dispatch-cloud"))
         .args([
             "driver-test",
@@ -648,7 +588,7 @@ fn bad_parameters_and_credentials_are_named() {
         ])
         .env(
             "GOOGLE_APPLICATION_CREDENTIALS",
-            s.dir.path().join("absent-adc.json"),
+            s.driver.dir.path().join("absent-adc.json"),
         )
         .output()
         .expect("run driver-test");
@@ -709,30 +649,20 @@ fn without_a_credentials_file_the_metadata_server_supplies_tokens() {
     let file = write_plugins_toml(dir.path(), &catalogue);
     // As on a GCE VM: no key file, no gcloud configuration, a metadata server.
     let home = tempfile::tempdir().expect("empty home");
-    let out = std::process::Command::new(built("dispatch-cloud"))
-        .args([
-            "driver-test",
-            "--plugins",
-            file.to_str().expect("utf8"),
-            "--instance-set",
-            "mds",
-            "--instance-type",
-            "e2-small",
-            "--image",
-            IMAGE,
-            "--skip-ssh",
-        ])
-        .env_remove("GOOGLE_APPLICATION_CREDENTIALS")
-        .env("HOME", home.path())
-        .env("CLOUDSDK_CONFIG", home.path().join("gcloud"))
-        .env(
-            "GCE_METADATA_HOST",
-            fake.endpoint.trim_start_matches("http://"),
-        )
-        .output()
-        .expect("run driver-test");
-    let stdout = text(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let metadata_host = fake.endpoint.trim_start_matches("http://").to_string();
+    let gcloud = home.path().join("gcloud");
+    assert_driver_test_passes(
+        &file,
+        "mds",
+        "e2-small",
+        IMAGE,
+        &[
+            ("GOOGLE_APPLICATION_CREDENTIALS", None),
+            ("HOME", Some(home.path().as_os_str())),
+            ("CLOUDSDK_CONFIG", Some(gcloud.as_os_str())),
+            ("GCE_METADATA_HOST", Some(metadata_host.as_ref())),
+        ],
+    );
     let requests = fake.requests();
     assert!(!requests.is_empty());
     assert!(

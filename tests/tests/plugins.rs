@@ -409,11 +409,8 @@ fn plugins_json_lists_every_driver_of_the_workspace() {
         ("gce", built("libdispatch_cloud_gce.so")),
         ("azure", built("libdispatch_cloud_azure.so")),
     ] {
-        body.push_str(&format!(
-            "[[plugins]]\nname = \"{name}\"\npath = {:?}\nsha256 = \"{}\"\n\n",
-            so.display().to_string(),
-            sha256_hex(&so)
-        ));
+        body.push_str(&pinned_plugin_entry(name, &so));
+        body.push('\n');
     }
     let file = write_plugins_toml(dir.path(), &body);
     let out = cli(&[
