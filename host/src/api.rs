@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -41,6 +43,66 @@ impl From<QueueError> for ApiError {
     }
 }
 
+/// Axum's extractors, with their rejections (bad JSON, a wrong content type, a bad query or
+/// path) answered as `{"error": …}` like every other refusal.
+struct JsonBody<T>(T);
+struct QueryArgs<T>(T);
+struct PathArg<T>(T);
+
+impl<S: Send + Sync, T> FromRequest<S> for JsonBody<T>
+where
+    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        match axum::Json::<T>::from_request(request, state).await {
+            Ok(axum::Json(v)) => Ok(JsonBody(v)),
+            Err(r) => Err(ApiError(r.status(), r.body_text())),
+        }
+    }
+}
+
+impl<S: Send + Sync, T> FromRequestParts<S> for QueryArgs<T>
+where
+    axum::extract::Query<T>: FromRequestParts<S, Rejection = QueryRejection>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(QueryArgs(v)),
+            Err(r) => Err(ApiError(r.status(), r.body_text())),
+        }
+    }
+}
+
+impl<S: Send + Sync, T> FromRequestParts<S> for PathArg<T>
+where
+    axum::extract::Path<T>: FromRequestParts<S, Rejection = PathRejection>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(PathArg(v)),
+            Err(r) => Err(ApiError(r.status(), r.body_text())),
+        }
+    }
+}
+
+/// Whether `presented` is one of `tokens`, in time that does not depend on how much of it
+/// matches (a timing side channel would let a client guess a token byte by byte).
+pub fn token_matches(tokens: &[String], presented: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    tokens
+        .iter()
+        .fold(subtle::Choice::from(0), |found, t| {
+            found | t.as_bytes().ct_eq(presented.as_bytes())
+        })
+        .into()
+}
+
 async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
     let presented = request
         .headers()
@@ -48,7 +110,7 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match presented {
-        Some(token) if state.tokens.iter().any(|t| t == token) => next.run(request).await,
+        Some(token) if token_matches(&state.tokens, token) => next.run(request).await,
         _ => ApiError(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token".into(),
@@ -72,13 +134,20 @@ pub fn router(state: ApiState) -> Router {
             get(|| async { Json(serde_json::json!({"health": "OK"})) }),
         )
         .merge(authed)
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this endpoint does not take that method".into(),
+            )
+        })
         .with_state(state)
 }
 
 /// One container (an object), or many (an array: all are queued, or none).
 async fn submit(
     State(state): State<ApiState>,
-    Json(body): Json<serde_json::Value>,
+    JsonBody(body): JsonBody<serde_json::Value>,
 ) -> Result<Response, ApiError> {
     let bad = |e: serde_json::Error| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string());
     if body.is_array() {
@@ -118,7 +187,7 @@ const MAX_PAGE: usize = 10_000;
 
 async fn list(
     State(state): State<ApiState>,
-    Query(q): Query<ListQuery>,
+    QueryArgs(q): QueryArgs<ListQuery>,
 ) -> Result<Response, ApiError> {
     let (mut list, next) = match q.limit {
         None => (state.queue.list(q.active)?, None),
@@ -153,7 +222,7 @@ async fn list(
 
 async fn get_one(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    PathArg(id): PathArg<String>,
 ) -> Result<Json<crate::queue::Container>, ApiError> {
     let mut c = state.queue.get(&id)?;
     c.scheduling_status = state.dispatcher.waiting().get(&id).cloned();
@@ -162,7 +231,7 @@ async fn get_one(
 
 async fn cancel(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
+    PathArg(id): PathArg<String>,
 ) -> Result<Json<crate::queue::Container>, ApiError> {
     state.queue.cancel(&id, "cancelled by request")?;
     log::info!("container={id} to=Cancelled reason=\"cancelled by request\"");
@@ -177,8 +246,8 @@ struct PriorityBody {
 
 async fn set_priority(
     State(state): State<ApiState>,
-    Path(id): Path<String>,
-    Json(body): Json<PriorityBody>,
+    PathArg(id): PathArg<String>,
+    JsonBody(body): JsonBody<PriorityBody>,
 ) -> Result<Json<crate::queue::Container>, ApiError> {
     state.queue.set_priority(&id, body.priority)?;
     state.dispatcher.poke();
@@ -188,7 +257,7 @@ async fn set_priority(
 /// Streams a log file in chunks: a container's log can be far larger than the server's memory.
 async fn logs(
     State(state): State<ApiState>,
-    Path((id, stream)): Path<(String, String)>,
+    PathArg((id, stream)): PathArg<(String, String)>,
 ) -> Result<Response, ApiError> {
     if stream != "stdout" && stream != "stderr" {
         return Err(ApiError(
@@ -243,4 +312,27 @@ async fn logs(
 
 async fn instances(State(state): State<ApiState>) -> Json<Vec<crate::pool::InstanceView>> {
     Json(state.dispatcher.instances())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_match_whole_and_only_whole() {
+        let tokens = vec!["s3cret-token".to_string(), "monitor".to_string()];
+        assert!(token_matches(&tokens, "s3cret-token"));
+        assert!(token_matches(&tokens, "monitor"));
+        for wrong in [
+            "",
+            "s3cret",
+            "s3cret-token2",
+            "S3CRET-TOKEN",
+            "monitor ",
+            "x",
+        ] {
+            assert!(!token_matches(&tokens, wrong), "{wrong:?}");
+        }
+        assert!(!token_matches(&[], "anything"));
+    }
 }

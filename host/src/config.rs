@@ -125,6 +125,10 @@ pub struct Timeouts {
     pub quota_holdoff: Duration,
     pub capacity_holdoff: Duration,
     pub ssh_dial: Duration,
+    /// How long an API client may take to send a request's headers.
+    pub api_header_read: Duration,
+    /// How long a stopping `serve` waits for API requests in flight.
+    pub api_shutdown: Duration,
 }
 
 impl Default for Timeouts {
@@ -143,6 +147,8 @@ impl Default for Timeouts {
             stale_lock: s(60),
             quota_holdoff: s(60),
             capacity_holdoff: s(60),
+            api_header_read: s(10),
+            api_shutdown: s(10),
             ssh_dial: s(60),
         }
     }
@@ -618,7 +624,7 @@ impl Reader<'_> {
     fn timeouts(&mut self, t: &Table) -> Timeouts {
         let mut out = Timeouts::default();
         // The flag marks the timeouts that pace a loop or bound a wait, where 0 would spin.
-        let fields: [(&str, &mut Duration, bool); 13] = [
+        let fields: [(&str, &mut Duration, bool); 15] = [
             ("idle_seconds", &mut out.idle, true),
             ("booting_seconds", &mut out.booting, true),
             ("probe_seconds", &mut out.probe, true),
@@ -636,6 +642,8 @@ impl Reader<'_> {
             ("quota_holdoff_seconds", &mut out.quota_holdoff, false),
             ("capacity_holdoff_seconds", &mut out.capacity_holdoff, false),
             ("ssh_dial_seconds", &mut out.ssh_dial, false),
+            ("api_header_read_seconds", &mut out.api_header_read, true),
+            ("api_shutdown_seconds", &mut out.api_shutdown, false),
         ];
         let known: Vec<&str> = fields.iter().map(|(field, _, _)| *field).collect();
         self.unknown_fields(t, &known);

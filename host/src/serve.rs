@@ -62,6 +62,115 @@ pub fn load_or_create_tokens(config: &ClusterConfig) -> anyhow::Result<Vec<Strin
     Ok(vec![token])
 }
 
+/// Makes `state_dir` private: the directory and every directory below it 0700, every file
+/// 0600 (the queue holds each container's environment, the logs their output). Creates the
+/// queue file 0600 before SQLite opens it, since SQLite gives its `-wal` and `-shm` files the
+/// database file's mode.
+pub fn make_private(state_dir: &Path, queue_file: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("state dir {}", state_dir.display()))?;
+    if !queue_file.exists() {
+        if let Some(parent) = queue_file.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("queue directory {}", parent.display()))?;
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(queue_file)
+            .with_context(|| format!("creating {}", queue_file.display()))?;
+    }
+    // The queue may live outside the state dir (`queue_path`).
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = queue_file.as_os_str().to_owned();
+        name.push(suffix);
+        restrict(Path::new(&name), 0o600)?;
+    }
+    let mut stack = vec![state_dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        restrict(&dir, 0o700)?;
+        let entries =
+            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else if kind.is_file() {
+                restrict(&entry.path(), 0o600)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Clears group and other bits of `path` when any is set (a missing file is fine).
+fn restrict(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if meta.file_type().is_symlink() || meta.permissions().mode() & 0o077 == 0 {
+        return Ok(());
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("making {} private", path.display()))
+}
+
+/// Serves `app` on `listener` until `stop` resolves: a client gets `header_read` to send a
+/// request's headers, and requests still running `deadline` after `stop` are cut off, so
+/// neither a slow client nor a stuck download keeps a stopping server alive.
+pub async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    header_read: std::time::Duration,
+    deadline: std::time::Duration,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: pace the retries.
+                        log::warn!("accepting an API connection: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_read)
+                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        log::debug!("API connection from {peer}: {e}");
+                    }
+                });
+            }
+            () = &mut stop => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(deadline, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        log::warn!("API requests still open {deadline:?} after the stop; cutting them off");
+    }
+}
+
 /// Runs the dispatcher and its API on `listener` until `shutdown` resolves.
 pub async fn serve(
     config: ClusterConfig,
@@ -69,8 +178,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.state_dir)
-        .with_context(|| format!("state dir {}", config.state_dir.display()))?;
+    make_private(&config.state_dir, &config.queue_path())?;
     let key = Arc::new(load_or_create_key(&config.ssh_key_path())?);
     let tokens = load_or_create_tokens(&config)?;
     let queue = Arc::new(SqliteQueue::open(&config.queue_path(), &config.cluster_id)?);
@@ -158,16 +266,26 @@ pub async fn serve(
     write_private(&address_file, address.to_string().as_bytes())
         .with_context(|| format!("writing {}", address_file.display()))?;
     log::info!("Serving the API on {address}.");
+    if !address.ip().is_loopback() {
+        log::warn!(
+            "The API listens on {address}, beyond this machine, in plain HTTP: bearer tokens and container environments cross the network readable. Put a TLS-terminating proxy in front, or listen on 127.0.0.1."
+        );
+    }
     let mut api_stop = stop_rx;
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
+    serve_http(
+        listener,
+        app,
+        config.timeouts.api_header_read,
+        config.timeouts.api_shutdown,
+        async move {
             let _ = api_stop.changed().await;
-        })
-        .await?;
+        },
+    )
+    .await;
     dispatcher_task.await?;
     let _ = std::fs::remove_file(&address_file);
     Ok(())

@@ -463,6 +463,8 @@ pub struct HarnessOptions {
     pub sync_interval_seconds: f64,
     /// Lines added to the `[limits]` table.
     pub limits_extra: String,
+    /// Lines added to the `[timeouts]` table.
+    pub timeouts_extra: String,
 }
 
 impl Default for HarnessOptions {
@@ -478,6 +480,7 @@ impl Default for HarnessOptions {
             probe_interval_seconds: 0.1,
             sync_interval_seconds: 0.5,
             limits_extra: String::new(),
+            timeouts_extra: String::new(),
         }
     }
 }
@@ -532,7 +535,10 @@ impl ServeHarness {
         let fast = FAST_CLUSTER_CONFIG
             .replace(
                 "[timeouts]\n",
-                &format!("[timeouts]\nidle_seconds = {}\n", opts.idle_seconds),
+                &format!(
+                    "[timeouts]\nidle_seconds = {}\n{}\n",
+                    opts.idle_seconds, opts.timeouts_extra
+                ),
             )
             .replace(
                 "max_dispatch_attempts = 50",
@@ -631,6 +637,34 @@ impl ServeHarness {
         eventually("serve's API to answer", Duration::from_secs(30), || {
             self.client().list().is_ok()
         });
+    }
+
+    /// SIGTERM, as systemd stops it; waits up to `within` for the exit and returns how long
+    /// it took.
+    pub fn terminate(&mut self, within: Duration) -> Duration {
+        let mut child = self.child.take().expect("serve is running");
+        let pid = i32::try_from(child.id()).expect("pid");
+        let sent = Instant::now();
+        // SAFETY: signalling our own child, which has not been reaped.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let exited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            eventually("serve to exit after SIGTERM", within, || {
+                matches!(child.try_wait(), Ok(Some(_)))
+            })
+        }));
+        if exited.is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve did not exit within {within:?} of SIGTERM");
+        }
+        sent.elapsed()
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
     }
 
     /// kill -9, as a crash would.

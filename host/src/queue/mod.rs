@@ -92,6 +92,46 @@ fn default_priority() -> i64 {
     1
 }
 
+impl NewContainer {
+    /// What is wrong with this submission, naming the field: what a VM's shell, `env` or the
+    /// runner would misread (NUL bytes, keys with `=`, values taken for options) never gets in.
+    pub fn problem(&self) -> Option<String> {
+        if self.command.is_empty() {
+            return Some("command: must not be empty".into());
+        }
+        if let Some(i) = self.command.iter().position(|a| a.contains('\0')) {
+            return Some(format!("command[{i}]: contains a NUL byte"));
+        }
+        for (key, value) in &self.env {
+            if key.is_empty() {
+                return Some("env: a key is empty".into());
+            }
+            if key.contains('=') {
+                return Some(format!("env.{key}: a key must not contain '='"));
+            }
+            if key.contains('\0') || value.contains('\0') {
+                return Some(format!(
+                    "env.{}: contains a NUL byte",
+                    key.replace('\0', "\\0")
+                ));
+            }
+        }
+        for (field, value) in [("working_dir", &self.working_dir), ("image", &self.image)] {
+            let Some(v) = value else { continue };
+            if v.starts_with('-') {
+                return Some(format!("{field}: must not start with '-'"));
+            }
+            if v.contains('\0') {
+                return Some(format!("{field}: contains a NUL byte"));
+            }
+        }
+        if self.priority < 0 {
+            return Some("priority: must be 0 or more".into());
+        }
+        None
+    }
+}
+
 /// A container as the queue stores it; also the API's JSON view.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Container {

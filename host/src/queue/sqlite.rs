@@ -255,17 +255,8 @@ impl Queue for SqliteQueue {
                     format!("[{i}].{what}")
                 }
             };
-            if new.command.is_empty() {
-                return Err(QueueError::Invalid(format!(
-                    "{}: must not be empty",
-                    at("command")
-                )));
-            }
-            if new.priority < 0 {
-                return Err(QueueError::Invalid(format!(
-                    "{}: must be 0 or more",
-                    at("priority")
-                )));
+            if let Some(problem) = new.problem() {
+                return Err(QueueError::Invalid(at(&problem)));
             }
             let command = serde_json::to_string(&new.command)
                 .map_err(|e| QueueError::Invalid(format!("{}: {e}", at("command"))))?;
@@ -632,6 +623,46 @@ mod tests {
         let (_d, q) = queue();
         let err = q.submit(NewContainer::default()).expect_err("empty");
         assert!(err.to_string().contains("command"), "{err}");
+        let ok = || NewContainer {
+            command: vec!["true".into()],
+            ..NewContainer::default()
+        };
+        let with_env = |k: &str, v: &str| {
+            let mut c = ok();
+            c.env.insert(k.into(), v.into());
+            c
+        };
+        let cases = [
+            (with_env("", "x"), "env: a key is empty"),
+            (with_env("A=B", "x"), "env.A=B: a key must not contain '='"),
+            (with_env("A", "x\0y"), "env.A: contains a NUL byte"),
+            (
+                NewContainer {
+                    command: vec!["echo".into(), "a\0b".into()],
+                    ..ok()
+                },
+                "command[1]: contains a NUL byte",
+            ),
+            (
+                NewContainer {
+                    image: Some("--privileged".into()),
+                    ..ok()
+                },
+                "image: must not start with '-'",
+            ),
+            (
+                NewContainer {
+                    working_dir: Some("-C/".into()),
+                    ..ok()
+                },
+                "working_dir: must not start with '-'",
+            ),
+        ];
+        for (bad, message) in cases {
+            let err = q.submit(bad).expect_err(message);
+            assert_eq!(err.to_string(), format!("invalid submission: {message}"));
+        }
+        assert!(q.list(false).expect("list").is_empty());
     }
 
     #[test]
