@@ -43,6 +43,18 @@ struct ServerArgs {
         hide_env_values = true
     )]
     token: Option<String>,
+    /// A file holding the token (keeps it out of the process list and shell history).
+    #[arg(
+        long,
+        global = true,
+        env = "DISPATCH_CLOUD_TOKEN_FILE",
+        conflicts_with = "token"
+    )]
+    token_file: Option<PathBuf>,
+    /// The state directory of the `serve` to talk to (its address and generated token are
+    /// there), when it is not the config's: as `serve --state-dir`.
+    #[arg(long, global = true, env = "DISPATCH_CLOUD_STATE_DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 /// What `submit` sends.
@@ -87,10 +99,17 @@ enum Command {
         config: Option<PathBuf>,
         #[arg(long, env = "DISPATCH_CLOUD_PLUGINS")]
         plugins: Option<PathBuf>,
-        #[arg(long)]
+        #[arg(long, env = "DISPATCH_CLOUD_STATE_DIR")]
         state_dir: Option<PathBuf>,
         #[arg(long)]
         listen: Option<String>,
+    },
+    /// Print the dispatcher's SSH public key (the line to authorize on images that need it).
+    SshKey {
+        #[arg(long, env = "DISPATCH_CLOUD_CONFIG")]
+        config: Option<PathBuf>,
+        #[arg(long, env = "DISPATCH_CLOUD_STATE_DIR")]
+        state_dir: Option<PathBuf>,
     },
     /// Submit a container: `submit [options] -- CMD ARGS…`. Prints its ID (one per line with
     /// `--count`).
@@ -223,7 +242,10 @@ fn load_config(file: Option<&Path>) -> anyhow::Result<ClusterConfig> {
 }
 
 fn client(server: &ServerArgs) -> anyhow::Result<Client> {
-    let config = load_config(server.config.as_deref())?;
+    let mut config = load_config(server.config.as_deref())?;
+    if let Some(dir) = &server.state_dir {
+        config.state_dir = dir.clone();
+    }
     let url = server.url.clone().unwrap_or_else(|| {
         // A running `serve` writes where it really listens (the config may say port 0).
         let address = std::fs::read_to_string(dispatch_cloud::serve::address_path(&config))
@@ -231,8 +253,16 @@ fn client(server: &ServerArgs) -> anyhow::Result<Client> {
             .unwrap_or_else(|_| config.listen.clone());
         format!("http://{address}")
     });
-    let token = match &server.token {
-        Some(t) => t.clone(),
+    let from_file = match &server.token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map(|t| t.trim().to_string())
+                .with_context(|| format!("--token-file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let token = match server.token.clone().or(from_file) {
+        Some(t) => t,
         None => match config.tokens.first() {
             Some(t) => t.clone(),
             None => std::fs::read_to_string(config.token_path())
@@ -295,6 +325,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Instances { server, json } => instances(server, json),
+        Command::SshKey { config, state_dir } => {
+            let mut cfg = load_config(config.as_deref())?;
+            if let Some(dir) = state_dir {
+                cfg.state_dir = dir;
+            }
+            let path = cfg.ssh_key_path();
+            if !path.exists() {
+                bail!(
+                    "{} does not exist yet: `serve` generates the key at its first start",
+                    path.display()
+                );
+            }
+            let key = russh::keys::PrivateKey::read_openssh_file(&path)
+                .with_context(|| format!("SSH key {}", path.display()))?;
+            let line = key
+                .public_key()
+                .to_openssh()
+                .context("encoding the public key")?;
+            println!("{line} dispatch-cloud");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::CheckConfig { config } => check_config(config),
         Command::Plugins { plugins, json } => list_plugins(&plugins, json),
         Command::DriverTest {

@@ -293,3 +293,63 @@ fn a_slow_client_does_not_hold_a_stopping_server_past_the_deadline() {
     );
     drop((download, slow));
 }
+
+#[test]
+fn clients_find_the_server_by_state_dir_and_token_file_and_ssh_key_prints_the_key() {
+    let h = ServeHarness::start("", "");
+    let state = h.state_dir();
+    let dir = tempfile::tempdir().expect("tmp");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{}\n", h.token)).expect("token file");
+    // A config that knows neither the state dir nor the token: both come from the flags.
+    let empty = dir.path().join("empty.toml");
+    std::fs::write(&empty, "").expect("config");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a = vec![
+            "--config".to_string(),
+            empty.display().to_string(),
+            "--state-dir".to_string(),
+            state.display().to_string(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |args: Vec<String>| {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli(&refs)
+    };
+    let mut ps = vec!["ps".to_string()];
+    ps.extend(args(&["--token-file", token_file.to_str().expect("utf8")]));
+    let out = run(ps);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "not-the-token").expect("write");
+    let mut ps = vec!["ps".to_string()];
+    ps.extend(args(&["--token-file", wrong.to_str().expect("utf8")]));
+    let out = run(ps);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("bearer token"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let mut missing = vec!["ps".to_string()];
+    missing.extend(args(&["--token-file", "/nonexistent/token"]));
+    let out = run(missing);
+    assert!(
+        text(&out.stderr).contains("--token-file /nonexistent/token"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let mut key = vec!["ssh-key".to_string()];
+    key.extend(args(&[]));
+    let out = run(key);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let printed = text(&out.stdout);
+    let private = russh::keys::PrivateKey::read_openssh_file(&state.join("ssh_key")).expect("key");
+    let public = private.public_key().to_openssh().expect("openssh");
+    assert_eq!(printed.trim(), format!("{public} dispatch-cloud"));
+}
