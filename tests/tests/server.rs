@@ -349,7 +349,7 @@ fn clients_find_the_server_by_state_dir_and_token_file_and_ssh_key_prints_the_ke
     let out = run(key);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let printed = text(&out.stdout);
-    let private = russh::keys::PrivateKey::read_openssh_file(&state.join("ssh_key")).expect("key");
+    let private = russh::keys::PrivateKey::read_openssh_file(state.join("ssh_key")).expect("key");
     let public = private.public_key().to_openssh().expect("openssh");
     assert_eq!(printed.trim(), format!("{public} dispatch-cloud"));
 }
