@@ -13,7 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use crate::dispatcher::DispatcherHandle;
+use crate::dispatcher::{ActionError, DispatcherHandle, InstanceAction};
 use crate::queue::{NewContainer, Queue, QueueError};
 
 #[derive(Clone)]
@@ -21,6 +21,19 @@ pub struct ApiState {
     pub queue: Arc<dyn Queue>,
     pub dispatcher: DispatcherHandle,
     pub tokens: Arc<Vec<String>>,
+    /// Tokens of the management endpoints; empty: `tokens` manage too.
+    pub management_tokens: Arc<Vec<String>>,
+}
+
+/// What a token may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Need {
+    /// Read the queue and the fleet: any token.
+    Read,
+    /// Submit or change containers: an API token.
+    Submit,
+    /// Act on instances: a management token (an API token when none are configured).
+    Manage,
 }
 
 struct ApiError(StatusCode, String);
@@ -103,31 +116,65 @@ pub fn token_matches(tokens: &[String], presented: &str) -> bool {
         .into()
 }
 
-async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+/// 401 without a known token, 403 with one that may not do what the route needs.
+fn authorize(state: &ApiState, request: &Request, need: Need) -> Result<(), ApiError> {
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match presented {
-        Some(token) if token_matches(&state.tokens, token) => next.run(request).await,
-        _ => ApiError(
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let api = token_matches(&state.tokens, presented);
+    let management = token_matches(&state.management_tokens, presented);
+    if !api && !management {
+        return Err(ApiError(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token".into(),
-        )
-        .into_response(),
+        ));
+    }
+    let allowed = match need {
+        Need::Read => true,
+        Need::Submit => api,
+        Need::Manage => management || (api && state.management_tokens.is_empty()),
+    };
+    if allowed {
+        return Ok(());
+    }
+    let why = match need {
+        Need::Manage => "this endpoint needs a management token (management_tokens)",
+        _ => "a management token cannot submit or change containers",
+    };
+    Err(ApiError(StatusCode::FORBIDDEN, why.into()))
+}
+
+async fn require(
+    State((state, need)): State<(ApiState, Need)>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match authorize(&state, &request, need) {
+        Ok(()) => next.run(request).await,
+        Err(e) => e.into_response(),
     }
 }
 
 pub fn router(state: ApiState) -> Router {
-    let authed = Router::new()
-        .route("/containers", post(submit).get(list))
+    let guard = |need: Need| middleware::from_fn_with_state((state.clone(), need), require);
+    let read = Router::new()
+        .route("/containers", get(list))
         .route("/containers/{id}", get(get_one))
-        .route("/containers/{id}/cancel", post(cancel))
-        .route("/containers/{id}/priority", post(set_priority))
         .route("/containers/{id}/logs/{stream}", get(logs))
         .route("/instances", get(instances))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .route_layer(guard(Need::Read));
+    let submit = Router::new()
+        .route("/containers", post(submit))
+        .route("/containers/{id}/cancel", post(cancel))
+        .route("/containers/{id}/priority", post(set_priority))
+        .route_layer(guard(Need::Submit));
+    let manage = Router::new()
+        .route("/instances/{id}/{action}", post(instance_action))
+        .route_layer(guard(Need::Manage));
+    let authed = read.merge(submit).merge(manage);
     Router::new()
         .route(
             "/_health/ping",
@@ -308,6 +355,55 @@ async fn logs(
         axum::body::Body::from_stream(chunks),
     )
         .into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ActionBody {
+    reason: Option<String>,
+}
+
+/// `POST /instances/{id}/hold|drain|run|kill`, kill with an optional `{"reason": …}`.
+async fn instance_action(
+    State(state): State<ApiState>,
+    PathArg((id, action)): PathArg<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let body: ActionBody = if body.iter().all(u8::is_ascii_whitespace) {
+        ActionBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("body: {e}")))?
+    };
+    let action = match action.as_str() {
+        "hold" => InstanceAction::Hold,
+        "drain" => InstanceAction::Drain,
+        "run" => InstanceAction::Run,
+        "kill" => InstanceAction::Kill {
+            reason: body
+                .reason
+                .filter(|r| !r.trim().is_empty())
+                .unwrap_or_else(|| "no reason given".into()),
+        },
+        other => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no instance action {other:?}: hold, drain, run or kill"),
+            ))
+        }
+    };
+    match state.dispatcher.act(&id, action).await {
+        Ok(()) => {
+            let view = state
+                .dispatcher
+                .instances()
+                .into_iter()
+                .find(|i| i.id == id);
+            Ok(Json(serde_json::json!({"id": id, "done": true, "instance": view})).into_response())
+        }
+        Err(e @ ActionError::NotFound(_)) => Err(ApiError(StatusCode::NOT_FOUND, e.to_string())),
+        Err(e) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+    }
 }
 
 async fn instances(State(state): State<ApiState>) -> Json<Vec<crate::pool::InstanceView>> {

@@ -160,4 +160,16 @@ impl Client {
     pub fn instances(&self) -> anyhow::Result<Vec<InstanceView>> {
         self.json("GET", "/instances", None)
     }
+
+    /// `hold`, `drain`, `run` or `kill` (with a reason) one instance.
+    pub fn instance_action(
+        &self,
+        id: &str,
+        action: &str,
+        reason: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let body = reason.map(|r| serde_json::json!({ "reason": r }));
+        self.call("POST", &format!("/instances/{id}/{action}"), body)
+            .map(|_| ())
+    }
 }

@@ -198,6 +198,9 @@ pub struct ClusterConfig {
     pub listen: String,
     /// Bearer tokens accepted by the API; empty = one generated into `<state_dir>/api-token`.
     pub tokens: Vec<String>,
+    /// Tokens for the management endpoints (instance hold/drain/run/kill), which `tokens` then
+    /// may not use; they cannot submit or change containers. Empty: `tokens` manage too.
+    pub management_tokens: Vec<String>,
     /// The plugin catalogue (relative to the current directory).
     pub plugins: PathBuf,
     /// Which `[[instance_sets]]` entry of the catalogue to run.
@@ -239,6 +242,7 @@ impl Default for ClusterConfig {
             state_dir: PathBuf::from(".dispatch-cloud"),
             listen: "127.0.0.1:9006".into(),
             tokens: Vec::new(),
+            management_tokens: Vec::new(),
             plugins: PathBuf::from("plugins.toml"),
             instance_set: "default".into(),
             image: "default".into(),
@@ -294,6 +298,7 @@ const CLUSTER_FIELDS: &[&str] = &[
     "state_dir",
     "listen",
     "tokens",
+    "management_tokens",
     "plugins",
     "instance_set",
     "image",
@@ -577,6 +582,9 @@ impl Reader<'_> {
                 let message = format!("{:?} is not an address like 127.0.0.1:9006", c.listen);
                 self.report(line, "listen", message);
             }
+        }
+        if let Some(tokens) = self.list(root, "management_tokens") {
+            c.management_tokens = tokens;
         }
         if let Some(tokens) = self.list(root, "tokens") {
             c.tokens = tokens;

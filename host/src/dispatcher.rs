@@ -19,8 +19,8 @@ use tokio::time::Instant;
 use crate::config::ClusterConfig;
 use crate::pool::probe::{boot_probe, Remote, RemoteError, RunnerBinary};
 use crate::pool::{
-    state, Cloud, CreateError, Effect, Exec, ExecFactory, InstanceView, Listed, Pool, PoolConfig,
-    ProbeJob, ProbeReport, Started,
+    state, Cloud, CreateError, Effect, Exec, ExecFactory, IdleBehavior, InstanceView, Listed, Pool,
+    PoolConfig, ProbeJob, ProbeReport, Started,
 };
 use crate::queue::ContainerState;
 use crate::queue::{Container, Queue, QueueError, RunResult};
@@ -109,10 +109,40 @@ enum Event {
     },
 }
 
-/// Handle for the API: wake the dispatcher, read the instance list.
+/// What an operator asks of one instance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InstanceAction {
+    /// Keep it, idle or not, and give it no new work.
+    Hold,
+    /// Give it no new work; shut it down once idle.
+    Drain,
+    /// Back to normal: take work, shut down after the idle timeout.
+    Run,
+    /// Destroy it now; its containers go back to the queue (or are cancelled when out of
+    /// attempts), as for a VM that vanished.
+    Kill { reason: String },
+}
+
+/// Why an instance action was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ActionError {
+    #[error("no instance {0}")]
+    NotFound(String),
+    #[error("the dispatcher is stopping")]
+    Stopped,
+}
+
+struct ActionRequest {
+    instance: String,
+    action: InstanceAction,
+    reply: tokio::sync::oneshot::Sender<Result<(), ActionError>>,
+}
+
+/// Handle for the API: wake the dispatcher, read the instance list, act on instances.
 #[derive(Clone)]
 pub struct DispatcherHandle {
     wake: Arc<Notify>,
+    actions: mpsc::Sender<ActionRequest>,
     /// std mutex: replaced whole once per pass, read by API handlers; never held across await.
     instances: Arc<Mutex<Vec<InstanceView>>>,
     /// Why each waiting container has not started; replaced at each scheduling pass.
@@ -132,6 +162,22 @@ impl DispatcherHandle {
     /// Container ID → why it waits.
     pub fn waiting(&self) -> HashMap<String, String> {
         self.waiting.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Asks the loop to apply `action` to `instance`; answers once it is applied (the tag
+    /// write or destroy it starts goes on in the background).
+    pub async fn act(&self, instance: &str, action: InstanceAction) -> Result<(), ActionError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = ActionRequest {
+            instance: instance.to_string(),
+            action,
+            reply,
+        };
+        self.actions
+            .send(request)
+            .await
+            .map_err(|_| ActionError::Stopped)?;
+        answer.await.map_err(|_| ActionError::Stopped)?
     }
 }
 
@@ -166,6 +212,8 @@ pub struct Dispatcher {
     retry_at: HashMap<String, Instant>,
     events_tx: mpsc::Sender<Event>,
     events_rx: mpsc::Receiver<Event>,
+    /// Operators' instance actions, from the API.
+    actions_rx: mpsc::Receiver<ActionRequest>,
     handle: DispatcherHandle,
     /// When the listing in flight was launched.
     listing: Option<Instant>,
@@ -200,6 +248,7 @@ impl Dispatcher {
         public_key: Option<String>,
     ) -> Result<Self, QueueError> {
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+        let (actions_tx, actions_rx) = mpsc::channel(64);
         let now = Instant::now();
         let stale: HashSet<String> = queue
             .list(true)?
@@ -253,8 +302,10 @@ impl Dispatcher {
             retry_at: HashMap::new(),
             events_tx,
             events_rx,
+            actions_rx,
             handle: DispatcherHandle {
                 wake: Arc::new(Notify::new()),
+                actions: actions_tx,
                 instances: Arc::new(Mutex::new(Vec::new())),
                 waiting: Arc::new(Mutex::new(HashMap::new())),
             },
@@ -285,6 +336,7 @@ impl Dispatcher {
                 _ = &mut shutdown => break,
                 _ = wake.notified() => self.replan = true,
                 Some(event) = self.events_rx.recv() => self.apply(event),
+                Some(request) = self.actions_rx.recv() => self.act(request),
                 _ = tokio::time::sleep_until(deadline) => {}
             }
             // Take whatever else arrived before planning again.
@@ -333,6 +385,36 @@ impl Dispatcher {
             // Only fails when the dispatcher stopped; the result no longer matters then.
             let _ = tx.send(f.await).await;
         });
+    }
+
+    fn act(&mut self, request: ActionRequest) {
+        let id = request.instance.as_str();
+        let result = if !self.pool.has_worker(id) {
+            Err(ActionError::NotFound(id.to_string()))
+        } else {
+            let effect = match &request.action {
+                InstanceAction::Kill { reason } => {
+                    let reason = format!("killed by an operator: {reason}");
+                    self.pool.shutdown(id, &reason)
+                }
+                other => {
+                    let behavior = match other {
+                        InstanceAction::Hold => IdleBehavior::Hold,
+                        InstanceAction::Drain => IdleBehavior::Drain,
+                        _ => IdleBehavior::Run,
+                    };
+                    log::info!(
+                        "instance={id} idle_behavior={} (set by an operator)",
+                        behavior.as_str()
+                    );
+                    self.pool.set_behavior(id, behavior)
+                }
+            };
+            self.execute(effect.into_iter().collect());
+            self.replan = true;
+            Ok(())
+        };
+        let _ = request.reply.send(result);
     }
 
     fn apply(&mut self, event: Event) {

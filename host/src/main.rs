@@ -57,6 +57,38 @@ struct ServerArgs {
     state_dir: Option<PathBuf>,
 }
 
+/// Which instances an instance command acts on.
+#[derive(Args)]
+struct InstanceArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Why (logged; for `kill`, recorded as the shutdown reason).
+    #[arg(long)]
+    reason: Option<String>,
+    #[arg(required = true)]
+    ids: Vec<String>,
+}
+
+/// Applies `action` to every instance; exit code 1 if any was refused.
+fn instance_action(args: InstanceArgs, action: &str) -> anyhow::Result<ExitCode> {
+    let client = client(&args.server)?;
+    let mut refused = false;
+    for id in &args.ids {
+        match client.instance_action(id, action, args.reason.as_deref()) {
+            Ok(()) => println!("{id}: {action}"),
+            Err(e) => {
+                refused = true;
+                eprintln!("{id}: {e:#}");
+            }
+        }
+    }
+    Ok(if refused {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
 /// What `submit` sends.
 #[derive(Args)]
 struct SubmitArgs {
@@ -103,6 +135,26 @@ enum Command {
         state_dir: Option<PathBuf>,
         #[arg(long)]
         listen: Option<String>,
+    },
+    /// Keep instances (idle or not) and give them no new work. Needs a management token.
+    Hold {
+        #[command(flatten)]
+        args: InstanceArgs,
+    },
+    /// Give instances no new work and shut them down once idle.
+    Drain {
+        #[command(flatten)]
+        args: InstanceArgs,
+    },
+    /// Return instances to normal: take work, shut down after the idle timeout.
+    Run {
+        #[command(flatten)]
+        args: InstanceArgs,
+    },
+    /// Destroy instances now; their containers go back to the queue.
+    Kill {
+        #[command(flatten)]
+        args: InstanceArgs,
     },
     /// Print the dispatcher's SSH public key (the line to authorize on images that need it).
     SshKey {
@@ -325,6 +377,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Instances { server, json } => instances(server, json),
+        Command::Hold { args } => instance_action(args, "hold"),
+        Command::Drain { args } => instance_action(args, "drain"),
+        Command::Run { args } => instance_action(args, "run"),
+        Command::Kill { args } => instance_action(args, "kill"),
         Command::SshKey { config, state_dir } => {
             let mut cfg = load_config(config.as_deref())?;
             if let Some(dir) = state_dir {

@@ -258,6 +258,7 @@ pub async fn serve(
         queue,
         dispatcher: handle,
         tokens: Arc::new(tokens),
+        management_tokens: Arc::new(config.management_tokens.clone()),
     });
     let address = listener.local_addr()?;
     // Clients of this state dir find the server here, also when the config says port 0.

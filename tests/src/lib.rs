@@ -465,6 +465,8 @@ pub struct HarnessOptions {
     pub limits_extra: String,
     /// Lines added to the `[timeouts]` table.
     pub timeouts_extra: String,
+    /// Top-level keys added before any table (e.g. `management_tokens = […]`).
+    pub top_extra: String,
 }
 
 impl Default for HarnessOptions {
@@ -481,6 +483,7 @@ impl Default for HarnessOptions {
             sync_interval_seconds: 0.5,
             limits_extra: String::new(),
             timeouts_extra: String::new(),
+            top_extra: String::new(),
         }
     }
 }
@@ -559,9 +562,10 @@ impl ServeHarness {
         std::fs::write(
             &config_file,
             format!(
-                "state_dir = {:?}\nlisten = \"127.0.0.1:0\"\nplugins = {:?}\ninstance_set = \"test\"\n{runner}{fast}\n{}\n",
+                "state_dir = {:?}\nlisten = \"127.0.0.1:0\"\nplugins = {:?}\ninstance_set = \"test\"\n{}\n{runner}{fast}\n{}\n",
                 dir.path().join("state").display().to_string(),
                 plugins.display().to_string(),
+                opts.top_extra,
                 opts.cluster_extra,
             ),
         )

@@ -762,6 +762,11 @@ impl Pool {
         }
     }
 
+    /// Whether `id` is one of the pool's workers.
+    pub fn has_worker(&self, id: &str) -> bool {
+        self.workers.contains_key(id)
+    }
+
     /// Sets the idle behaviour; the effect saves it in the VM's tags.
     pub fn set_behavior(&mut self, id: &str, behavior: IdleBehavior) -> Option<Effect> {
         let w = self.workers.get_mut(id)?;

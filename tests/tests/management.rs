@@ -1,0 +1,234 @@
+//! Operators' instance actions: hold, drain, run and kill over the API and the CLI, behind
+//! management tokens that cannot submit, while API tokens cannot manage.
+
+use std::time::Duration;
+
+use dispatch_cloud::client::Client;
+use dispatch_cloud::queue::{ContainerState, NewContainer};
+use system_tests::*;
+
+const ONE_TYPE: &str = r#"
+[[instance_types]]
+name = "small"
+provider_type = "lb.small"
+vcpus = 2
+ram = "2GiB"
+price = 0.02
+"#;
+
+const MANAGEMENT_TOKEN: &str = "mgmt-token";
+
+fn harness() -> ServeHarness {
+    ServeHarness::start_opts(HarnessOptions {
+        cluster_extra: ONE_TYPE.into(),
+        top_extra: format!("management_tokens = [\"{MANAGEMENT_TOKEN}\"]"),
+        ..HarnessOptions::default()
+    })
+}
+
+fn manager(h: &ServeHarness) -> Client {
+    Client::new(&h.url, MANAGEMENT_TOKEN)
+}
+
+fn sleeper(seconds: u32) -> NewContainer {
+    NewContainer {
+        command: vec!["sleep".into(), seconds.to_string()],
+        priority: 1,
+        ..Default::default()
+    }
+}
+
+/// The one VM's ID once the cloud has given it one (a create in flight has none yet).
+fn the_instance(h: &ServeHarness) -> String {
+    let mut id = String::new();
+    h.wait_for("a VM", Duration::from_secs(60), || {
+        let created = h
+            .client()
+            .instances()
+            .ok()
+            .and_then(|l| l.into_iter().find(|i| !i.id.is_empty()));
+        match created {
+            Some(i) => {
+                id = i.id;
+                true
+            }
+            None => false,
+        }
+    });
+    id
+}
+
+/// `(status, error text)` of a POST to the API.
+fn post(h: &ServeHarness, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    let mut request =
+        ureq::post(&format!("{}{path}", h.url)).set("Content-Type", "application/json");
+    if let Some(t) = token {
+        request = request.set("Authorization", &format!("Bearer {t}"));
+    }
+    let response = match request.send_string(body) {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("POST {path}: {e}"),
+    };
+    let status = response.status();
+    let json: serde_json::Value =
+        serde_json::from_str(&response.into_string().expect("body")).expect("JSON");
+    (
+        status,
+        json["error"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+#[test]
+fn instance_actions_need_a_management_token_which_cannot_submit() {
+    let h = harness();
+    let id = h.client().submit(&sleeper(1)).expect("submit").id;
+    let vm = the_instance(&h);
+    let hold = format!("/instances/{vm}/hold");
+    assert_eq!(post(&h, &hold, None, "").0, 401);
+    let (status, error) = post(&h, &hold, Some(&h.token), "");
+    assert_eq!(status, 403, "an API token does not manage: {error}");
+    assert!(error.contains("management token"), "{error}");
+    assert_eq!(
+        post(&h, "/instances/no-such-vm/hold", Some(MANAGEMENT_TOKEN), "").0,
+        404
+    );
+    let (status, error) = post(
+        &h,
+        &format!("/instances/{vm}/reboot"),
+        Some(MANAGEMENT_TOKEN),
+        "",
+    );
+    assert_eq!(status, 404, "{error}");
+    assert!(error.contains("hold, drain, run or kill"), "{error}");
+    let (status, error) = post(
+        &h,
+        &format!("/instances/{vm}/kill"),
+        Some(MANAGEMENT_TOKEN),
+        "{\"why\": 1}",
+    );
+    assert_eq!(status, 400, "{error}");
+    // A management token reads, but cannot submit or change containers.
+    assert!(manager(&h).list().is_ok());
+    let (status, error) = post(
+        &h,
+        "/containers",
+        Some(MANAGEMENT_TOKEN),
+        "{\"command\": [\"true\"]}",
+    );
+    assert_eq!(status, 403, "{error}");
+    let (status, _) = post(
+        &h,
+        &format!("/containers/{id}/cancel"),
+        Some(MANAGEMENT_TOKEN),
+        "",
+    );
+    assert_eq!(status, 403);
+    assert_eq!(post(&h, &hold, Some(MANAGEMENT_TOKEN), "").0, 200);
+}
+
+#[test]
+fn hold_keeps_an_idle_vm_drain_lets_it_go_and_run_restores_it() {
+    let h = harness();
+    let id = h.client().submit(&sleeper(1)).expect("submit").id;
+    let vm = the_instance(&h);
+    manager(&h)
+        .instance_action(&vm, "hold", None)
+        .expect("hold");
+    h.wait_for("the container to finish", Duration::from_secs(60), || {
+        h.client()
+            .get(&id)
+            .is_ok_and(|c| c.state == ContainerState::Complete)
+    });
+    // Idle for three idle timeouts (1.5 s each): held, it stays.
+    std::thread::sleep(Duration::from_millis(4500));
+    let listed = h.client().instances().expect("instances");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].idle_behavior.as_str(), "hold");
+    // Held VMs take no new work: a new container waits for another VM.
+    let second = h.client().submit(&sleeper(1)).expect("submit").id;
+    h.wait_for("a second VM for new work", Duration::from_secs(60), || {
+        h.client().instances().is_ok_and(|l| l.len() == 2)
+    });
+    h.wait_for(
+        "the second container to run elsewhere",
+        Duration::from_secs(60),
+        || {
+            h.client()
+                .get(&second)
+                .is_ok_and(|c| c.instance_id.as_deref().is_some_and(|i| i != vm))
+        },
+    );
+    manager(&h)
+        .instance_action(&vm, "drain", None)
+        .expect("drain");
+    h.wait_for("the drained idle VM to go", Duration::from_secs(60), || {
+        h.client()
+            .instances()
+            .is_ok_and(|l| !l.iter().any(|i| i.id == vm))
+    });
+}
+
+#[test]
+fn kill_destroys_at_once_and_the_container_runs_again() {
+    let h = harness();
+    let id = h.client().submit(&sleeper(30)).expect("submit").id;
+    let vm = the_instance(&h);
+    h.wait_for("the container to run", Duration::from_secs(60), || {
+        h.client()
+            .get(&id)
+            .is_ok_and(|c| c.state == ContainerState::Running)
+    });
+    manager(&h)
+        .instance_action(&vm, "kill", Some("disk failing"))
+        .expect("kill");
+    h.wait_for("the killed VM gone", Duration::from_secs(60), || {
+        h.client()
+            .instances()
+            .is_ok_and(|l| !l.iter().any(|i| i.id == vm))
+    });
+    assert!(
+        h.log().contains("killed by an operator: disk failing"),
+        "the reason is logged"
+    );
+    h.wait_for(
+        "the container back on another VM",
+        Duration::from_secs(90),
+        || {
+            h.client().get(&id).is_ok_and(|c| {
+                c.state == ContainerState::Running && c.instance_id.as_deref() != Some(vm.as_str())
+            })
+        },
+    );
+}
+
+#[test]
+fn the_cli_acts_on_several_and_fails_if_any_is_refused() {
+    let h = harness();
+    h.client().submit(&sleeper(1)).expect("submit");
+    let vm = the_instance(&h);
+    let out = cli(&[
+        "hold",
+        "--url",
+        &h.url,
+        "--token",
+        MANAGEMENT_TOKEN,
+        &vm,
+        "no-such-vm",
+    ]);
+    assert!(!out.status.success(), "one refused: exit 1");
+    assert!(text(&out.stdout).contains(&format!("{vm}: hold")));
+    assert!(
+        text(&out.stderr).contains("no-such-vm"),
+        "{}",
+        text(&out.stderr)
+    );
+    h.wait_for("the hold shows", Duration::from_secs(10), || {
+        h.client().instances().is_ok_and(|l| {
+            l.iter()
+                .any(|i| i.id == vm && i.idle_behavior.as_str() == "hold")
+        })
+    });
+    let out = cli(&["run", "--url", &h.url, "--token", MANAGEMENT_TOKEN, &vm]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
