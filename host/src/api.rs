@@ -108,6 +108,10 @@ where
 /// matches (a timing side channel would let a client guess a token byte by byte).
 pub fn token_matches(tokens: &[String], presented: &str) -> bool {
     use subtle::ConstantTimeEq;
+    // No header is no token, whatever a config lists.
+    if presented.is_empty() {
+        return false;
+    }
     tokens
         .iter()
         .fold(subtle::Choice::from(0), |found, t| {
@@ -375,16 +379,15 @@ async fn instance_action(
         serde_json::from_slice(&body)
             .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("body: {e}")))?
     };
+    let reason = body
+        .reason
+        .filter(|r| !r.trim().is_empty())
+        .unwrap_or_else(|| "no reason given".into());
     let action = match action.as_str() {
-        "hold" => InstanceAction::Hold,
-        "drain" => InstanceAction::Drain,
-        "run" => InstanceAction::Run,
-        "kill" => InstanceAction::Kill {
-            reason: body
-                .reason
-                .filter(|r| !r.trim().is_empty())
-                .unwrap_or_else(|| "no reason given".into()),
-        },
+        "hold" => InstanceAction::Hold { reason },
+        "drain" => InstanceAction::Drain { reason },
+        "run" => InstanceAction::Run { reason },
+        "kill" => InstanceAction::Kill { reason },
         other => {
             return Err(ApiError(
                 StatusCode::NOT_FOUND,
@@ -402,6 +405,7 @@ async fn instance_action(
             Ok(Json(serde_json::json!({"id": id, "done": true, "instance": view})).into_response())
         }
         Err(e @ ActionError::NotFound(_)) => Err(ApiError(StatusCode::NOT_FOUND, e.to_string())),
+        Err(e @ ActionError::ShuttingDown(_)) => Err(ApiError(StatusCode::CONFLICT, e.to_string())),
         Err(e) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
     }
 }
@@ -430,5 +434,9 @@ mod tests {
             assert!(!token_matches(&tokens, wrong), "{wrong:?}");
         }
         assert!(!token_matches(&[], "anything"));
+        assert!(
+            !token_matches(&["".to_string()], ""),
+            "an empty token never opens the API"
+        );
     }
 }

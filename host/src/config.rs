@@ -589,6 +589,21 @@ impl Reader<'_> {
         if let Some(tokens) = self.list(root, "tokens") {
             c.tokens = tokens;
         }
+        for key in ["tokens", "management_tokens"] {
+            let list = if key == "tokens" {
+                &c.tokens
+            } else {
+                &c.management_tokens
+            };
+            if list.iter().any(|t| t.trim().is_empty()) {
+                let line = root
+                    .items
+                    .get(key)
+                    .map(|item| self.value_line(root, key, item))
+                    .unwrap_or(root.line);
+                self.report(line, key, "an empty token would let anyone in");
+            }
+        }
         self.set(root, "plugins", &mut c.plugins);
         self.set(root, "instance_set", &mut c.instance_set);
         self.set(root, "image", &mut c.image);
@@ -1076,6 +1091,20 @@ price = 0.5
                 "c.toml:9: limits.maximum_price_factor: must be at least 1",
                 "c.toml:10: limits.max_cloud_ops_per_second: must be 0 or more",
                 "c.toml:12: resource_tags.team: invalid type: integer `1`, expected a string",
+            ]
+        );
+    }
+
+    #[test]
+    fn empty_tokens_are_refused() {
+        let shown = problems(
+            "cluster_id = \"zzzzz\"\nmanagement_tokens = [\"ok\", \" \"]\ntokens = [\"\"]\n",
+        );
+        assert_eq!(
+            shown,
+            [
+                "c.toml:2: management_tokens: an empty token would let anyone in",
+                "c.toml:3: tokens: an empty token would let anyone in",
             ]
         );
     }

@@ -109,15 +109,15 @@ enum Event {
     },
 }
 
-/// What an operator asks of one instance.
+/// What an operator asks of one instance, and why (logged).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum InstanceAction {
     /// Keep it, idle or not, and give it no new work.
-    Hold,
+    Hold { reason: String },
     /// Give it no new work; shut it down once idle.
-    Drain,
+    Drain { reason: String },
     /// Back to normal: take work, shut down after the idle timeout.
-    Run,
+    Run { reason: String },
     /// Destroy it now; its containers go back to the queue (or are cancelled when out of
     /// attempts), as for a VM that vanished.
     Kill { reason: String },
@@ -128,6 +128,8 @@ pub enum InstanceAction {
 pub enum ActionError {
     #[error("no instance {0}")]
     NotFound(String),
+    #[error("instance {0} is already being shut down")]
+    ShuttingDown(String),
     #[error("the dispatcher is stopping")]
     Stopped,
 }
@@ -333,7 +335,12 @@ impl Dispatcher {
             self.pass();
             let deadline = self.next_wake(Instant::now());
             tokio::select! {
-                _ = &mut shutdown => break,
+                _ = &mut shutdown => {
+                    // Actions asked from now on, or still queued, are refused at once.
+                    self.actions_rx.close();
+                    while self.actions_rx.try_recv().is_ok() {}
+                    break;
+                }
                 _ = wake.notified() => self.replan = true,
                 Some(event) = self.events_rx.recv() => self.apply(event),
                 Some(request) = self.actions_rx.recv() => self.act(request),
@@ -391,20 +398,24 @@ impl Dispatcher {
         let id = request.instance.as_str();
         let result = if !self.pool.has_worker(id) {
             Err(ActionError::NotFound(id.to_string()))
+        } else if self.pool.is_shutting_down(id) {
+            Err(ActionError::ShuttingDown(id.to_string()))
         } else {
             let effect = match &request.action {
                 InstanceAction::Kill { reason } => {
                     let reason = format!("killed by an operator: {reason}");
                     self.pool.shutdown(id, &reason)
                 }
-                other => {
-                    let behavior = match other {
-                        InstanceAction::Hold => IdleBehavior::Hold,
-                        InstanceAction::Drain => IdleBehavior::Drain,
+                InstanceAction::Hold { reason }
+                | InstanceAction::Drain { reason }
+                | InstanceAction::Run { reason } => {
+                    let behavior = match &request.action {
+                        InstanceAction::Hold { .. } => IdleBehavior::Hold,
+                        InstanceAction::Drain { .. } => IdleBehavior::Drain,
                         _ => IdleBehavior::Run,
                     };
                     log::info!(
-                        "instance={id} idle_behavior={} (set by an operator)",
+                        "instance={id} idle_behavior={} reason={reason:?} (set by an operator)",
                         behavior.as_str()
                     );
                     self.pool.set_behavior(id, behavior)

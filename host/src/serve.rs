@@ -5,7 +5,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
 use russh::keys::PrivateKey;
 
 use crate::api::{self, ApiState};
@@ -54,7 +54,14 @@ pub fn load_or_create_tokens(config: &ClusterConfig) -> anyhow::Result<Vec<Strin
     }
     let path = config.token_path();
     if let Ok(text) = std::fs::read_to_string(&path) {
-        return Ok(vec![text.trim().to_string()]);
+        let token = text.trim();
+        if token.is_empty() {
+            bail!(
+                "{} is empty: delete it and a new token is generated",
+                path.display()
+            );
+        }
+        return Ok(vec![token.to_string()]);
     }
     let token = hex::encode(rand::random::<[u8; 24]>());
     write_private(&path, token.as_bytes())
@@ -88,7 +95,10 @@ pub fn make_private(state_dir: &Path, queue_file: &Path) -> anyhow::Result<()> {
         name.push(suffix);
         restrict(Path::new(&name), 0o600)?;
     }
-    let mut stack = vec![state_dir.to_path_buf()];
+    // A state dir that is a symlink: its target is what must be private.
+    let real = std::fs::canonicalize(state_dir)
+        .with_context(|| format!("state dir {}", state_dir.display()))?;
+    let mut stack = vec![real];
     while let Some(dir) = stack.pop() {
         restrict(&dir, 0o700)?;
         let entries =
@@ -107,16 +117,27 @@ pub fn make_private(state_dir: &Path, queue_file: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Clears group and other bits of `path` when any is set (a missing file is fine).
+/// Clears group and other bits of `path` when any is set (a missing file is fine). The file
+/// is opened without following a symlink and changed through that descriptor, so a link
+/// swapped in meanwhile cannot turn the change onto a file elsewhere.
 fn restrict(path: &Path, mode: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return Ok(());
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        // Missing, or a symlink (ELOOP): nothing of ours to change.
+        Err(_) => return Ok(()),
     };
-    if meta.file_type().is_symlink() || meta.permissions().mode() & 0o077 == 0 {
+    let meta = file
+        .metadata()
+        .with_context(|| format!("reading {}", path.display()))?;
+    if meta.permissions().mode() & 0o077 == 0 {
         return Ok(());
     }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("making {} private", path.display()))
 }
 
@@ -134,6 +155,11 @@ pub async fn serve_http(
     use hyper_util::server::graceful::GracefulShutdown;
     use hyper_util::service::TowerToHyperService;
 
+    /// More open connections than an operator's tools need; beyond it new ones are closed
+    /// at once, so nobody can use up the descriptors SSH and SQLite need.
+    const MOST_CONNECTIONS: usize = 512;
+    let slots = Arc::new(tokio::sync::Semaphore::new(MOST_CONNECTIONS));
+    let mut connections = tokio::task::JoinSet::new();
     let graceful = GracefulShutdown::new();
     tokio::pin!(stop);
     loop {
@@ -148,16 +174,23 @@ pub async fn serve_http(
                         continue;
                     }
                 };
+                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                    log::warn!("{MOST_CONNECTIONS} API connections open; closing one from {peer}");
+                    continue;
+                };
                 let connection = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(header_read)
                     .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
                 let connection = graceful.watch(connection);
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     if let Err(e) = connection.await {
                         log::debug!("API connection from {peer}: {e}");
                     }
+                    drop(slot);
                 });
+                // Reap the finished ones as we go.
+                while connections.try_join_next().is_some() {}
             }
             () = &mut stop => break,
         }

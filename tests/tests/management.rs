@@ -130,10 +130,20 @@ fn instance_actions_need_a_management_token_which_cannot_submit() {
 #[test]
 fn hold_keeps_an_idle_vm_drain_lets_it_go_and_run_restores_it() {
     let h = harness();
-    let id = h.client().submit(&sleeper(1)).expect("submit").id;
+    let id = h.client().submit(&sleeper(2)).expect("submit").id;
     let vm = the_instance(&h);
+    // Held while it works: it stays after the work is done.
+    h.wait_for(
+        "the container to run on it",
+        Duration::from_secs(60),
+        || {
+            h.client().get(&id).is_ok_and(|c| {
+                c.state == ContainerState::Running && c.instance_id.as_deref() == Some(vm.as_str())
+            })
+        },
+    );
     manager(&h)
-        .instance_action(&vm, "hold", None)
+        .instance_action(&vm, "hold", Some("keep for debugging"))
         .expect("hold");
     h.wait_for("the container to finish", Duration::from_secs(60), || {
         h.client()
@@ -143,13 +153,19 @@ fn hold_keeps_an_idle_vm_drain_lets_it_go_and_run_restores_it() {
     // Idle for three idle timeouts (1.5 s each): held, it stays.
     std::thread::sleep(Duration::from_millis(4500));
     let listed = h.client().instances().expect("instances");
-    assert_eq!(listed.len(), 1, "{listed:?}");
-    assert_eq!(listed[0].idle_behavior.as_str(), "hold");
+    let held = listed.iter().find(|i| i.id == vm);
+    assert_eq!(
+        held.map(|i| i.idle_behavior.as_str()),
+        Some("hold"),
+        "{listed:?}"
+    );
+    assert!(
+        h.log().contains("reason=\"keep for debugging\""),
+        "{}",
+        h.log()
+    );
     // Held VMs take no new work: a new container waits for another VM.
     let second = h.client().submit(&sleeper(1)).expect("submit").id;
-    h.wait_for("a second VM for new work", Duration::from_secs(60), || {
-        h.client().instances().is_ok_and(|l| l.len() == 2)
-    });
     h.wait_for(
         "the second container to run elsewhere",
         Duration::from_secs(60),

@@ -767,6 +767,13 @@ impl Pool {
         self.workers.contains_key(id)
     }
 
+    /// Whether `id` is being shut down (or destroyed).
+    pub fn is_shutting_down(&self, id: &str) -> bool {
+        self.workers
+            .get(id)
+            .is_some_and(|w| w.status == WorkerStatus::Shutdown || w.destroying)
+    }
+
     /// Sets the idle behaviour; the effect saves it in the VM's tags.
     pub fn set_behavior(&mut self, id: &str, behavior: IdleBehavior) -> Option<Effect> {
         let w = self.workers.get_mut(id)?;
