@@ -23,6 +23,7 @@ pub struct ApiState {
     pub tokens: Arc<Vec<String>>,
     /// Tokens of the management endpoints; empty: `tokens` manage too.
     pub management_tokens: Arc<Vec<String>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// What a token may do.
@@ -169,6 +170,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/containers/{id}", get(get_one))
         .route("/containers/{id}/logs/{stream}", get(logs))
         .route("/instances", get(instances))
+        .route("/metrics", get(metrics))
         .route_layer(guard(Need::Read));
     let submit = Router::new()
         .route("/containers", post(submit))
@@ -408,6 +410,19 @@ async fn instance_action(
         Err(e @ ActionError::ShuttingDown(_)) => Err(ApiError(StatusCode::CONFLICT, e.to_string())),
         Err(e) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
     }
+}
+
+/// Prometheus scrapes with a bearer token like any reader (`authorization` in its config).
+async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    let containers = state.queue.list(true)?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or_default();
+    let text = state
+        .metrics
+        .render(&state.dispatcher.instances(), &containers, now_ms);
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
 async fn instances(State(state): State<ApiState>) -> Json<Vec<crate::pool::InstanceView>> {

@@ -49,6 +49,8 @@ pub struct CloudOps {
     quota_groups: HashMap<String, String>,
     /// std mutex: held only to read or update the bookkeeping, never across a driver call.
     state: Mutex<State>,
+    /// Where driver calls are counted, when serving.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// The shortest hold-off after a rate limit or capacity error: a retry time already past (or
@@ -96,6 +98,7 @@ impl CloudOps {
             policy,
             quota_groups,
             state: Mutex::new(State::default()),
+            metrics: None,
         }
     }
 
@@ -118,14 +121,27 @@ impl CloudOps {
         tokio::time::sleep_until(slot).await;
     }
 
+    /// Counts this wrapper's driver calls in `metrics`.
+    pub fn observed(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Runs driver call `operation` on a blocking thread.
     async fn blocking<T: Send + 'static>(
         &self,
+        operation: &str,
         f: impl FnOnce(Arc<dyn InstanceSet>) -> Result<T, DriverError> + Send + 'static,
     ) -> Result<T, DriverError> {
         let set = Arc::clone(&self.set);
-        tokio::task::spawn_blocking(move || f(set))
+        let result = tokio::task::spawn_blocking(move || f(set))
             .await
-            .map_err(|e| DriverError::other(format!("driver call did not finish: {e}")))?
+            .map_err(|e| DriverError::other(format!("driver call did not finish: {e}")))
+            .and_then(|r| r);
+        if let Some(m) = &self.metrics {
+            m.driver_operation(operation, result.as_ref().err());
+        }
+        result
     }
 
     /// How many instances may still be added to `instances_incl_pending`.
@@ -217,7 +233,9 @@ impl CloudOps {
         self.pace().await;
         let instance_type = request.instance_type.clone();
         let result = self
-            .blocking(move |set| set.create(&request).map(|i| Listed::read(Arc::from(i))))
+            .blocking("create", move |set| {
+                set.create(&request).map(|i| Listed::read(Arc::from(i)))
+            })
             .await;
         let mut st = self.state();
         st.creates_in_flight = st.creates_in_flight.saturating_sub(1);
@@ -266,7 +284,7 @@ impl CloudOps {
         }
         self.pace().await;
         let filter = self.policy.default_tags.clone();
-        let listing = self.blocking(move |set| {
+        let listing = self.blocking("list", move |set| {
             // Drivers may ignore the filter; the host does not rely on them.
             Ok(set
                 .instances(&filter)?
@@ -293,7 +311,7 @@ impl CloudOps {
 
     pub async fn destroy(&self, instance: Arc<dyn Instance>) -> Result<(), DriverError> {
         self.pace().await;
-        self.blocking(move |_| instance.destroy()).await
+        self.blocking("destroy", move |_| instance.destroy()).await
     }
 
     pub async fn set_tags(
@@ -302,7 +320,8 @@ impl CloudOps {
         tags: Tags,
     ) -> Result<(), DriverError> {
         self.pace().await;
-        self.blocking(move |_| instance.set_tags(&tags)).await
+        self.blocking("set_tags", move |_| instance.set_tags(&tags))
+            .await
     }
 
     pub fn stop(&self) {

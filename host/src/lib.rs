@@ -8,6 +8,7 @@ pub mod config;
 pub mod conformance;
 pub mod dispatcher;
 pub mod instance_secret;
+pub mod metrics;
 pub mod plugin;
 pub mod pool;
 pub mod queue;

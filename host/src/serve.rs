@@ -12,6 +12,7 @@ use crate::api::{self, ApiState};
 use crate::cloudops::{CloudOps, Policy};
 use crate::config::ClusterConfig;
 use crate::dispatcher::Dispatcher;
+use crate::metrics::Metrics;
 use crate::plugin::{self, Catalogue};
 use crate::pool::probe::RunnerBinary;
 use crate::queue::SqliteQueue;
@@ -250,8 +251,10 @@ pub async fn serve(
     };
     let types = config.instance_types();
     // Loading a plugin and asking its quota groups are driver calls: off the event loop.
-    let cloud = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+    let (cloud, metrics) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let loaded = plugin::load(&plugin_entry)?;
+        let metrics = Arc::new(Metrics::new(&loaded.driver_name, &types));
+        metrics.plugin_loaded(&plugin_entry.name, "ok");
         let set = loaded
             .new_instance_set(&entry, &Default::default())
             .with_context(|| {
@@ -260,7 +263,8 @@ pub async fn serve(
                     entry.name, loaded.driver_name
                 )
             })?;
-        Ok(CloudOps::new(Arc::from(set), policy, &types))
+        let cloud = CloudOps::new(Arc::from(set), policy, &types).observed(Arc::clone(&metrics));
+        Ok((cloud, metrics))
     })
     .await??;
     let binary = match &config.runner_path {
@@ -292,6 +296,7 @@ pub async fn serve(
         dispatcher: handle,
         tokens: Arc::new(tokens),
         management_tokens: Arc::new(config.management_tokens.clone()),
+        metrics,
     });
     let address = listener.local_addr()?;
     // Clients of this state dir find the server here, also when the config says port 0.
