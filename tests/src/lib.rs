@@ -420,6 +420,17 @@ pub struct ServeHarness {
     child: Option<std::process::Child>,
 }
 
+/// One loopback instance type (2 vCPUs, 2 GiB, $0.25/h), for tests that need a VM but no
+/// choice of size.
+pub const ONE_SMALL_TYPE: &str = r#"
+[[instance_types]]
+name = "small"
+provider_type = "lb.small"
+vcpus = 2
+ram = "2GiB"
+price = 0.25
+"#;
+
 /// Cluster config with timeouts compressed from minutes into fractions of a second
 /// (`idle_seconds` is added by the harness).
 pub const FAST_CLUSTER_CONFIG: &str = r#"
@@ -664,6 +675,18 @@ impl ServeHarness {
             panic!("serve did not exit within {within:?} of SIGTERM");
         }
         sent.elapsed()
+    }
+
+    /// Waits (up to `timeout`) until container `id` is in `state`.
+    pub fn wait_for_state(
+        &self,
+        id: &str,
+        state: dispatch_cloud::queue::ContainerState,
+        timeout: Duration,
+    ) {
+        self.wait_for(&format!("container {id} to be {state:?}"), timeout, || {
+            self.client().get(id).is_ok_and(|c| c.state == state)
+        });
     }
 
     /// The state directory.

@@ -7,20 +7,11 @@ use dispatch_cloud::client::Client;
 use dispatch_cloud::queue::{ContainerState, NewContainer};
 use system_tests::*;
 
-const ONE_TYPE: &str = r#"
-[[instance_types]]
-name = "small"
-provider_type = "lb.small"
-vcpus = 2
-ram = "2GiB"
-price = 0.02
-"#;
-
 const MANAGEMENT_TOKEN: &str = "mgmt-token";
 
 fn harness() -> ServeHarness {
     ServeHarness::start_opts(HarnessOptions {
-        cluster_extra: ONE_TYPE.into(),
+        cluster_extra: ONE_SMALL_TYPE.into(),
         top_extra: format!("management_tokens = [\"{MANAGEMENT_TOKEN}\"]"),
         ..HarnessOptions::default()
     })
@@ -145,11 +136,7 @@ fn hold_keeps_an_idle_vm_drain_lets_it_go_and_run_restores_it() {
     manager(&h)
         .instance_action(&vm, "hold", Some("keep for debugging"))
         .expect("hold");
-    h.wait_for("the container to finish", Duration::from_secs(60), || {
-        h.client()
-            .get(&id)
-            .is_ok_and(|c| c.state == ContainerState::Complete)
-    });
+    h.wait_for_state(&id, ContainerState::Complete, Duration::from_secs(60));
     // Idle for three idle timeouts (1.5 s each): held, it stays.
     std::thread::sleep(Duration::from_millis(4500));
     let listed = h.client().instances().expect("instances");
@@ -190,11 +177,7 @@ fn kill_destroys_at_once_and_the_container_runs_again() {
     let h = harness();
     let id = h.client().submit(&sleeper(30)).expect("submit").id;
     let vm = the_instance(&h);
-    h.wait_for("the container to run", Duration::from_secs(60), || {
-        h.client()
-            .get(&id)
-            .is_ok_and(|c| c.state == ContainerState::Running)
-    });
+    h.wait_for_state(&id, ContainerState::Running, Duration::from_secs(60));
     manager(&h)
         .instance_action(&vm, "kill", Some("disk failing"))
         .expect("kill");

@@ -6,15 +6,6 @@ use std::time::Duration;
 use dispatch_cloud::queue::{ContainerState, NewContainer};
 use system_tests::*;
 
-const ONE_TYPE: &str = r#"
-[[instance_types]]
-name = "small"
-provider_type = "lb.small"
-vcpus = 2
-ram = "2GiB"
-price = 0.25
-"#;
-
 fn scrape(h: &ServeHarness) -> String {
     let response = ureq::get(&format!("{}/metrics", h.url))
         .set("Authorization", &format!("Bearer {}", h.token))
@@ -50,7 +41,7 @@ fn promtool() -> std::path::PathBuf {
 
 #[test]
 fn promtool_accepts_a_scrape_mid_run_and_the_counters_move() {
-    let h = ServeHarness::start(ONE_TYPE, "");
+    let h = ServeHarness::start(ONE_SMALL_TYPE, "");
     let id = h
         .client()
         .submit(&NewContainer {
@@ -60,11 +51,7 @@ fn promtool_accepts_a_scrape_mid_run_and_the_counters_move() {
         })
         .expect("submit")
         .id;
-    h.wait_for("the container to run", Duration::from_secs(60), || {
-        h.client()
-            .get(&id)
-            .is_ok_and(|c| c.state == ContainerState::Running)
-    });
+    h.wait_for_state(&id, ContainerState::Running, Duration::from_secs(60));
     let mid = scrape(&h);
     let file = h.dir.path().join("scrape.txt");
     std::fs::write(&file, &mid).expect("write scrape");

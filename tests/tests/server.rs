@@ -18,18 +18,9 @@ fn walk(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, std::fs::Metad
     }
 }
 
-const ONE_TYPE: &str = r#"
-[[instance_types]]
-name = "small"
-provider_type = "lb.small"
-vcpus = 2
-ram = "2GiB"
-price = 0.02
-"#;
-
 #[test]
 fn every_state_file_is_private() {
-    let h = ServeHarness::start(ONE_TYPE, "");
+    let h = ServeHarness::start(ONE_SMALL_TYPE, "");
     let id = h
         .client()
         .submit(&dispatch_cloud::queue::NewContainer {
@@ -40,11 +31,11 @@ fn every_state_file_is_private() {
         })
         .expect("submit")
         .id;
-    h.wait_for("the container to finish", Duration::from_secs(60), || {
-        h.client()
-            .get(&id)
-            .is_ok_and(|c| c.state == dispatch_cloud::queue::ContainerState::Complete)
-    });
+    h.wait_for_state(
+        &id,
+        dispatch_cloud::queue::ContainerState::Complete,
+        Duration::from_secs(60),
+    );
     let state = h.state_dir();
     assert_eq!(
         std::fs::metadata(&state)
@@ -241,7 +232,7 @@ fn every_refusal_is_json_naming_what_is_wrong() {
 #[test]
 fn a_slow_client_does_not_hold_a_stopping_server_past_the_deadline() {
     let mut h = ServeHarness::start_opts(HarnessOptions {
-        cluster_extra: ONE_TYPE.into(),
+        cluster_extra: ONE_SMALL_TYPE.into(),
         timeouts_extra: "api_header_read_seconds = 120\napi_shutdown_seconds = 1".into(),
         ..HarnessOptions::default()
     });
@@ -261,11 +252,11 @@ fn a_slow_client_does_not_hold_a_stopping_server_past_the_deadline() {
         })
         .expect("submit")
         .id;
-    h.wait_for("the container to finish", Duration::from_secs(120), || {
-        h.client()
-            .get(&id)
-            .is_ok_and(|c| c.state == dispatch_cloud::queue::ContainerState::Complete)
-    });
+    h.wait_for_state(
+        &id,
+        dispatch_cloud::queue::ContainerState::Complete,
+        Duration::from_secs(120),
+    );
     let address = h.url.trim_start_matches("http://").to_string();
     let mut download = std::net::TcpStream::connect(&address).expect("connect");
     write!(
