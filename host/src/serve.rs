@@ -99,6 +99,17 @@ pub fn make_private(state_dir: &Path, queue_file: &Path) -> anyhow::Result<()> {
     // A state dir that is a symlink: its target is what must be private.
     let real = std::fs::canonicalize(state_dir)
         .with_context(|| format!("state dir {}", state_dir.display()))?;
+    // This version writes everything private (logs 0600 in 0700 directories): only a state
+    // dir an older version left open needs the walk over every file, at every start not.
+    let open = {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(&real)
+            .map(|m| m.permissions().mode() & 0o077 != 0)
+            .unwrap_or(true)
+    };
+    if !open {
+        return Ok(());
+    }
     let mut stack = vec![real];
     while let Some(dir) = stack.pop() {
         restrict(&dir, 0o700)?;
