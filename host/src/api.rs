@@ -13,8 +13,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use crate::dispatcher::{ActionError, DispatcherHandle, InstanceAction};
+use crate::dispatcher::{ActionError, DispatcherHandle, InstanceAction, SchedulerQueue};
 use crate::queue::{NewContainer, Queue, QueueError};
+use crate::scheduler::QueueEntry;
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -170,6 +171,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/containers/{id}", get(get_one))
         .route("/containers/{id}/logs/{stream}", get(logs))
         .route("/instances", get(instances))
+        .route("/scheduler/queue", get(scheduler_queue))
+        .route("/scheduler/queue/{id}", get(scheduler_entry))
         .route("/metrics", get(metrics))
         .route_layer(guard(Need::Read));
     let submit = Router::new()
@@ -179,6 +182,7 @@ pub fn router(state: ApiState) -> Router {
         .route_layer(guard(Need::Submit));
     let manage = Router::new()
         .route("/instances/{id}/{action}", post(instance_action))
+        .route("/scheduler/queue/{id}/kill", post(kill_container))
         .route_layer(guard(Need::Manage));
     let authed = read.merge(submit).merge(manage);
     Router::new()
@@ -259,9 +263,9 @@ async fn list(
             (page, next)
         }
     };
-    let waiting = state.dispatcher.waiting();
+    let view = state.dispatcher.scheduler_queue();
     for c in &mut list {
-        c.scheduling_status = waiting.get(&c.id).cloned();
+        c.scheduling_status = waiting_status(&view, &c.id);
     }
     let mut response = Json(list).into_response();
     if let (Some(seq), Some(limit)) = (next, q.limit) {
@@ -278,8 +282,85 @@ async fn get_one(
     PathArg(id): PathArg<String>,
 ) -> Result<Json<crate::queue::Container>, ApiError> {
     let mut c = state.queue.get(&id)?;
-    c.scheduling_status = state.dispatcher.waiting().get(&id).cloned();
+    c.scheduling_status = waiting_status(&state.dispatcher.scheduler_queue(), &id);
     Ok(Json(c))
+}
+
+/// Why a container waits; `None` once it is on a VM (its `instance_id` says where).
+fn waiting_status(view: &SchedulerQueue, id: &str) -> Option<String> {
+    view.get(id)
+        .filter(|e| e.instance.is_none())
+        .map(|e| e.scheduling_status.clone())
+}
+
+/// `GET /scheduler/queue`: every active container in the order the scheduler serves them.
+async fn scheduler_queue(State(state): State<ApiState>) -> Json<Vec<QueueEntry>> {
+    Json(state.dispatcher.scheduler_queue().entries.clone())
+}
+
+/// `GET /scheduler/queue/{id}`: one entry; 404 when it is not (or no longer) active.
+async fn scheduler_entry(
+    State(state): State<ApiState>,
+    PathArg(id): PathArg<String>,
+) -> Result<Json<QueueEntry>, ApiError> {
+    state
+        .dispatcher
+        .scheduler_queue()
+        .get(&id)
+        .cloned()
+        .map(Json)
+        .ok_or_else(|| not_in_queue(&id))
+}
+
+fn not_in_queue(id: &str) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!("container {id} is not in the scheduler's queue"),
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KillBody {
+    reason: Option<String>,
+}
+
+/// `POST /scheduler/queue/{id}/kill` with `{"reason": …}`: cancels a container that runs on a
+/// VM, so the scheduler stops its process (SIGTERM, then again until it ends). 404 when it
+/// is not on any VM, 400 without a reason.
+async fn kill_container(
+    State(state): State<ApiState>,
+    PathArg(id): PathArg<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<crate::queue::Container>, ApiError> {
+    let body: KillBody = if body.iter().all(u8::is_ascii_whitespace) {
+        KillBody { reason: None }
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("body: {e}")))?
+    };
+    let Some(reason) = body.reason.filter(|r| !r.trim().is_empty()) else {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "reason: required (why the container is killed)".into(),
+        ));
+    };
+    let view = state.dispatcher.scheduler_queue();
+    let Some(worker) = view.get(&id).and_then(|e| e.instance.clone()) else {
+        return Err(if view.get(&id).is_some() {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("container {id} is not running on any instance"),
+            )
+        } else {
+            not_in_queue(&id)
+        });
+    };
+    let why = format!("killed by an operator: {reason}");
+    state.queue.cancel(&id, &why)?;
+    log::info!("container={id} instance={worker} to=Cancelled reason={why:?}");
+    state.dispatcher.poke();
+    Ok(Json(state.queue.get(&id)?))
 }
 
 async fn cancel(

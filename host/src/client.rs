@@ -157,6 +157,11 @@ impl Client {
         Ok(bytes)
     }
 
+    /// The scheduler's queue in the order it serves containers, with why each waits.
+    pub fn scheduler_queue(&self) -> anyhow::Result<Vec<crate::scheduler::QueueEntry>> {
+        self.json("GET", "/scheduler/queue", None)
+    }
+
     pub fn instances(&self) -> anyhow::Result<Vec<InstanceView>> {
         self.json("GET", "/instances", None)
     }

@@ -25,8 +25,9 @@ use crate::pool::{
 use crate::queue::ContainerState;
 use crate::queue::{Container, Queue, QueueError, RunResult};
 use crate::runner::{ContainerSpec, RunEntry, RunList, WatchLine};
-use crate::scheduler::status::{waiting_reason, Pressure};
+use crate::scheduler::status::Pressure;
 use crate::scheduler::{outcome, plan, Action, Outcome, PlanInput};
+use crate::scheduler::{queue_view, QueueEntry};
 
 /// How often worker timeouts are checked when nothing else prompts it.
 const TIMEOUT_CHECK_INTERVAL: Duration = Duration::from_millis(250);
@@ -147,8 +148,30 @@ pub struct DispatcherHandle {
     actions: mpsc::Sender<ActionRequest>,
     /// std mutex: replaced whole once per pass, read by API handlers; never held across await.
     instances: Arc<Mutex<Vec<InstanceView>>>,
-    /// Why each waiting container has not started; replaced at each scheduling pass.
-    waiting: Arc<Mutex<HashMap<String, String>>>,
+    /// The scheduler's queue with why each container waits; replaced at each scheduling pass.
+    queue_view: Arc<Mutex<Arc<SchedulerQueue>>>,
+}
+
+/// The scheduler's queue at its last pass, for the management API.
+#[derive(Default)]
+pub struct SchedulerQueue {
+    pub entries: Vec<QueueEntry>,
+    index: HashMap<String, usize>,
+}
+
+impl SchedulerQueue {
+    fn new(entries: Vec<QueueEntry>) -> Self {
+        let index = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.container.clone(), i))
+            .collect();
+        SchedulerQueue { entries, index }
+    }
+
+    pub fn get(&self, container: &str) -> Option<&QueueEntry> {
+        self.index.get(container).map(|&i| &self.entries[i])
+    }
 }
 
 impl DispatcherHandle {
@@ -161,9 +184,12 @@ impl DispatcherHandle {
         self.instances.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
-    /// Container ID → why it waits.
-    pub fn waiting(&self) -> HashMap<String, String> {
-        self.waiting.lock().map(|v| v.clone()).unwrap_or_default()
+    /// The scheduler's queue as of its last pass.
+    pub fn scheduler_queue(&self) -> Arc<SchedulerQueue> {
+        self.queue_view
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or_default()
     }
 
     /// Asks the loop to apply `action` to `instance`; answers once it is applied (the tag
@@ -238,6 +264,8 @@ pub struct Dispatcher {
     active: Vec<Container>,
     /// The queue revision `active` reflects; `None` before the first read.
     active_rev: Option<i64>,
+    /// When this process first saw each active container (Unix milliseconds).
+    first_seen: HashMap<String, i64>,
 }
 
 impl Dispatcher {
@@ -309,7 +337,7 @@ impl Dispatcher {
                 wake: Arc::new(Notify::new()),
                 actions: actions_tx,
                 instances: Arc::new(Mutex::new(Vec::new())),
-                waiting: Arc::new(Mutex::new(HashMap::new())),
+                queue_view: Arc::new(Mutex::new(Arc::new(SchedulerQueue::default()))),
             },
             listing: None,
             next_sync_at: now,
@@ -320,6 +348,7 @@ impl Dispatcher {
             next_timeouts_at: now,
             active: Vec::new(),
             active_rev: None,
+            first_seen: HashMap::new(),
         })
     }
 
@@ -910,6 +939,7 @@ impl Dispatcher {
         foreign: &HashSet<String>,
         now: Instant,
     ) {
+        self.note_first_seen(containers);
         let slots = self.pool.slots(foreign);
         let at_capacity: rustc_hash::FxHashSet<String> = self
             .settings
@@ -957,15 +987,8 @@ impl Dispatcher {
         }
     }
 
-    /// Records, for the API, why each waiting container was not started this pass.
+    /// Records, for the API, the queue in scheduling order and why each container waits.
     fn publish_waiting(&self, input: &PlanInput<'_>, actions: &[Action], now: Instant) {
-        let started: HashSet<&str> = actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Start { container, .. } => Some(container.as_str()),
-                _ => None,
-            })
-            .collect();
         let pressure = Pressure {
             types: input.types,
             maximum_price_factor: input.maximum_price_factor,
@@ -974,33 +997,27 @@ impl Dispatcher {
             at_capacity: &|t| input.at_capacity.contains(&t.provider_type),
             create_trouble: &|t| self.pool.create_trouble(&t.name, now),
         };
-        // The reason depends on the constraints and whether priority is 0, not on the
-        // container: worked out once per shape (a queue of 100k holds few shapes).
-        let mut by_shape: HashMap<(u32, u64, u64, u32, bool, bool), String> = HashMap::new();
-        let waiting: HashMap<String, String> = input
-            .containers
+        let wall_now = crate::queue::now_ms();
+        let first_seen = |id: &str| self.first_seen.get(id).copied().unwrap_or(wall_now);
+        let view = SchedulerQueue::new(queue_view(input, actions, &pressure, &first_seen));
+        if let Ok(mut slot) = self.handle.queue_view.lock() {
+            *slot = Arc::new(view);
+        }
+    }
+
+    /// Keeps when each active container was first seen, for the queue view.
+    fn note_first_seen(&mut self, containers: &[Container]) {
+        let wall_now = crate::queue::now_ms();
+        let active: HashSet<&str> = containers
             .iter()
-            .filter(|c| matches!(c.state, ContainerState::Queued | ContainerState::Locked))
-            .filter(|c| !input.runners.contains_key(&c.id) && !started.contains(c.id.as_str()))
-            .map(|c| {
-                let rc = &c.runtime_constraints;
-                let shape = (
-                    rc.vcpus,
-                    rc.ram_bytes,
-                    rc.scratch_bytes,
-                    rc.gpus,
-                    rc.preemptible,
-                    c.priority < 1,
-                );
-                let reason = by_shape
-                    .entry(shape)
-                    .or_insert_with(|| waiting_reason(c, &pressure))
-                    .clone();
-                (c.id.clone(), reason)
-            })
+            .filter(|c| !c.state.is_final())
+            .map(|c| c.id.as_str())
             .collect();
-        if let Ok(mut slot) = self.handle.waiting.lock() {
-            *slot = waiting;
+        self.first_seen.retain(|id, _| active.contains(id.as_str()));
+        for id in active {
+            if !self.first_seen.contains_key(id) {
+                self.first_seen.insert(id.to_string(), wall_now);
+            }
         }
     }
 

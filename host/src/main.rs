@@ -184,6 +184,10 @@ enum Command {
         /// Containers per page.
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// The scheduler's queue instead: active containers in the order it serves them,
+        /// with their eligible types, how long each has waited and why.
+        #[arg(long, conflicts_with_all = ["all", "limit"])]
+        scheduling: bool,
     },
     /// Print a finished container's stdout (and its stderr to stderr).
     Logs {
@@ -354,7 +358,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
             all,
             limit,
-        } => ps(server, json, all, limit),
+            scheduling,
+        } => {
+            if scheduling {
+                ps_scheduling(server, json)
+            } else {
+                ps(server, json, all, limit)
+            }
+        }
         Command::Logs { server, id } => {
             let client = client(&server)?;
             use std::io::Write;
@@ -556,6 +567,37 @@ fn ps(server: ServerArgs, json: bool, all: bool, limit: usize) -> anyhow::Result
                 waiting.unwrap_or_default()
             );
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ps --scheduling`: the scheduler's queue, in the order it serves containers.
+fn ps_scheduling(server: ServerArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let queue = client(&server)?.scheduler_queue()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&queue)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let now = dispatch_cloud::queue::now_ms();
+    println!(
+        "{:<27} {:<8} {:>4} {:>7} {:<20} STATUS",
+        "ID", "STATE", "PRIO", "WAITED", "TYPES"
+    );
+    for e in queue {
+        let waited = Duration::from_millis(u64::try_from(now - e.first_seen_at_ms).unwrap_or(0));
+        println!(
+            "{:<27} {:<8} {:>4} {:>7} {:<20} {}",
+            e.container,
+            e.state.as_str(),
+            e.priority,
+            format!("{}s", waited.as_secs()),
+            if e.instance_types.is_empty() {
+                "-".to_string()
+            } else {
+                e.instance_types.join(",")
+            },
+            e.scheduling_status
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -231,3 +231,105 @@ fn the_cli_acts_on_several_and_fails_if_any_is_refused() {
     let out = cli(&["run", "--url", &h.url, "--token", MANAGEMENT_TOKEN, &vm]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+/// `(status, body)` of a GET with the management token.
+fn get(h: &ServeHarness, path: &str) -> (u16, serde_json::Value) {
+    let request = ureq::get(&format!("{}{path}", h.url))
+        .set("Authorization", &format!("Bearer {MANAGEMENT_TOKEN}"));
+    let response = match request.call() {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("GET {path}: {e}"),
+    };
+    let status = response.status();
+    let body = serde_json::from_str(&response.into_string().expect("body")).expect("JSON");
+    (status, body)
+}
+
+#[test]
+fn the_scheduler_queue_shows_where_each_runs_and_kill_stops_one_with_a_reason() {
+    let h = harness();
+    let id = h.client().submit(&sleeper(60)).expect("submit").id;
+    h.wait_for_state(&id, ContainerState::Running, Duration::from_secs(60));
+    let vm = the_instance(&h);
+    h.wait_for(
+        "the queue to show it running",
+        Duration::from_secs(30),
+        || {
+            let (status, entry) = get(&h, &format!("/scheduler/queue/{id}"));
+            status == 200 && entry["scheduling_status"] == format!("running on {vm}")
+        },
+    );
+    let (_, queue) = get(&h, "/scheduler/queue");
+    assert_eq!(queue[0]["container"], id.as_str(), "{queue}");
+    assert_eq!(queue[0]["instance_types"], serde_json::json!(["small"]));
+    let (status, error) = get(&h, "/scheduler/queue/zzzzz-dz642-000000000000000");
+    assert_eq!(status, 404, "{error}");
+    let out = cli(&[
+        "ps",
+        "--scheduling",
+        "--url",
+        &h.url,
+        "--token",
+        MANAGEMENT_TOKEN,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let listing = text(&out.stdout);
+    assert!(
+        listing.contains(&id) && listing.contains(&format!("running on {vm}")),
+        "{listing}"
+    );
+
+    let kill = format!("/scheduler/queue/{id}/kill");
+    assert_eq!(post(&h, &kill, None, "").0, 401);
+    let (status, error) = post(&h, &kill, Some(&h.token), "{\"reason\": \"x\"}");
+    assert_eq!(status, 403, "{error}");
+    let (status, error) = post(&h, &kill, Some(MANAGEMENT_TOKEN), "");
+    assert_eq!(status, 400, "{error}");
+    assert!(error.contains("reason"), "{error}");
+    let (status, _) = post(
+        &h,
+        "/scheduler/queue/zzzzz-dz642-000000000000000/kill",
+        Some(MANAGEMENT_TOKEN),
+        "{\"reason\": \"x\"}",
+    );
+    assert_eq!(status, 404);
+    let (status, error) = post(
+        &h,
+        &kill,
+        Some(MANAGEMENT_TOKEN),
+        "{\"reason\": \"runaway job\"}",
+    );
+    assert_eq!(status, 200, "{error}");
+    let killed = h.client().get(&id).expect("get");
+    assert_eq!(killed.state, ContainerState::Cancelled);
+    assert_eq!(
+        killed.runtime_error.as_deref(),
+        Some("killed by an operator: runaway job")
+    );
+    // Its process is stopped: the VM no longer lists it, well before its 60 s are up.
+    h.wait_for("the VM to let it go", Duration::from_secs(30), || {
+        h.client()
+            .instances()
+            .is_ok_and(|l| l.iter().any(|i| i.id == vm && !i.containers.contains(&id)))
+    });
+}
+
+#[test]
+fn drain_lets_a_running_container_finish_then_shuts_the_vm_down() {
+    let h = harness();
+    let id = h.client().submit(&sleeper(3)).expect("submit").id;
+    h.wait_for_state(&id, ContainerState::Running, Duration::from_secs(60));
+    let vm = the_instance(&h);
+    manager(&h)
+        .instance_action(&vm, "drain", Some("retiring"))
+        .expect("drain");
+    h.wait_for_state(&id, ContainerState::Complete, Duration::from_secs(60));
+    let done = h.client().get(&id).expect("get");
+    assert_eq!(done.exit_code, Some(0), "it finished, not killed");
+    h.wait_for("the drained VM to go", Duration::from_secs(60), || {
+        h.client()
+            .instances()
+            .is_ok_and(|l| !l.iter().any(|i| i.id == vm))
+    });
+}

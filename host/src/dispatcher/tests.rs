@@ -105,6 +105,8 @@ struct FakeCloud {
     flaky_start_vms: AtomicBool,
     /// New VMs' runs lose their supervisor at once (listed Stale).
     stale_run_vms: AtomicBool,
+    /// At most this many instances (0: no quota).
+    quota: AtomicUsize,
 }
 
 impl FakeCloud {
@@ -201,8 +203,11 @@ impl Cloud for FakeCloud {
         Box::pin(async move { result })
     }
 
-    fn quota_headroom(&self, _: usize) -> usize {
-        usize::MAX
+    fn quota_headroom(&self, count: usize) -> usize {
+        match self.quota.load(Ordering::SeqCst) {
+            0 => usize::MAX,
+            quota => quota.saturating_sub(count),
+        }
     }
     fn creates_allowed(&self) -> usize {
         usize::MAX
@@ -456,13 +461,17 @@ impl Rig {
     }
 
     fn submit(&self) -> String {
+        self.submit_needing(1, 1 << 30)
+    }
+
+    fn submit_needing(&self, vcpus: u32, ram_bytes: u64) -> String {
         let c = self
             .queue
             .submit(NewContainer {
                 command: vec!["true".into()],
                 runtime_constraints: RuntimeConstraints {
-                    vcpus: 1,
-                    ram_bytes: 1 << 30,
+                    vcpus,
+                    ram_bytes,
                     ..Default::default()
                 },
                 priority: 1,
@@ -859,7 +868,12 @@ async fn failing_creates_back_off() {
     let waiting = rig.container(&id);
     assert_eq!(waiting.state, ContainerState::Queued);
     assert_eq!(waiting.dispatch_attempts, 0);
-    let why = rig.handle.waiting().get(&id).cloned().unwrap_or_default();
+    let why = rig
+        .handle
+        .scheduler_queue()
+        .get(&id)
+        .map(|e| e.scheduling_status.clone())
+        .unwrap_or_default();
     assert!(why.contains("the API is down"), "{why:?}");
     // Once the cloud recovers, the container runs (the hold-off has grown to 32 s or 64 s).
     rig.cloud.fail_creates.store(false, Ordering::SeqCst);
@@ -871,5 +885,68 @@ async fn failing_creates_back_off() {
     assert!(view
         .iter()
         .all(|i| i.idle_behavior == IdleBehavior::Run && i.state != InstanceState::Shutdown));
+    rig.stop().await;
+}
+
+/// The scheduler's queue says, in words, why each container waits: for a VM to boot, over
+/// quota; and a container no type fits is cancelled saying what it needed.
+#[tokio::test(start_paused = true)]
+async fn the_scheduler_queue_says_why_each_container_waits() {
+    let rig = Rig::start_with(|c| {
+        c.unreachable_vms.store(true, Ordering::SeqCst);
+        c.quota.store(1, Ordering::SeqCst);
+    });
+    let status = |id: &str| {
+        rig.handle
+            .scheduler_queue()
+            .get(id)
+            .map(|e| e.scheduling_status.clone())
+    };
+    // A whole `large` each: the first gets the one VM the quota allows, the second waits.
+    let first = rig.submit_needing(4, 8 << 30);
+    rig.eventually("the first waits for its VM", MINUTE, || {
+        status(&first).as_deref() == Some("waiting for a VM of type large to boot")
+    })
+    .await;
+    let second = rig.submit_needing(4, 8 << 30);
+    rig.eventually("the second is over quota", MINUTE, || {
+        status(&second).as_deref() == Some("over quota: waiting for an instance to be freed")
+    })
+    .await;
+    let view = rig.handle.scheduler_queue();
+    let order: Vec<&str> = view.entries.iter().map(|e| e.container.as_str()).collect();
+    assert_eq!(
+        order,
+        [first.as_str(), second.as_str()],
+        "locked first, then by priority"
+    );
+    let entry = view.get(&first).expect("entry");
+    assert_eq!(entry.instance_types, ["large"]);
+    assert_eq!(entry.instance, None);
+    assert!(entry.first_seen_at_ms > 0);
+    let small = rig.submit_needing(1, 1 << 30);
+    rig.eventually("a small one is listed", MINUTE, || status(&small).is_some())
+        .await;
+    let small_types = rig
+        .handle
+        .scheduler_queue()
+        .get(&small)
+        .expect("small")
+        .instance_types
+        .clone();
+    // medium costs twice as much: past the default price factor (1.5).
+    assert_eq!(small_types, ["small"]);
+
+    let huge = rig.submit_needing(64, 1 << 30);
+    rig.until_state(&huge, ContainerState::Cancelled).await;
+    assert_eq!(
+        rig.container(&huge).runtime_error.as_deref(),
+        Some("no instance type fits: needs 64 vCPUs, 1 GiB RAM, 0 B scratch, 0 GPUs")
+    );
+    assert_eq!(
+        status(&huge),
+        None,
+        "a cancelled container leaves the scheduler's queue"
+    );
     rig.stop().await;
 }

@@ -69,7 +69,8 @@ pub struct SqliteQueue {
     rev: AtomicI64,
 }
 
-fn now_ms() -> i64 {
+/// Wall-clock Unix milliseconds (0 before 1970).
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))

@@ -9,6 +9,10 @@
 pub mod outcome;
 pub mod plan;
 pub mod status;
+pub mod view;
 
 pub use outcome::{outcome, Outcome};
-pub use plan::{plan, Action, PlanInput, RunnerSeen, SlotId, WorkerSlot, WorkerStatus};
+pub use plan::{
+    plan, waiting_order, Action, PlanInput, RunnerSeen, SlotId, WorkerSlot, WorkerStatus,
+};
+pub use view::{queue_view, QueueEntry};

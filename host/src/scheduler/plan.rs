@@ -302,6 +302,32 @@ fn booted(status: &WorkerStatus) -> bool {
     matches!(status, WorkerStatus::Idle | WorkerStatus::Running)
 }
 
+/// The containers that wait for a place, in the order the mapper serves them: Locked before
+/// Queued, then priority (high first), then submission order.
+pub fn waiting_order<'c>(
+    containers: &'c [Container],
+    runners: &HashMap<String, RunnerSeen>,
+) -> Vec<&'c Container> {
+    // Keys are extracted once: comparing through the (large) containers costs cache misses.
+    let mut keyed: Vec<(OrderKey, &Container)> = containers
+        .iter()
+        .filter(|c| matches!(c.state, ContainerState::Queued | ContainerState::Locked))
+        .filter(|c| !runners.contains_key(&c.id))
+        .map(|c| {
+            (
+                (
+                    c.state != ContainerState::Locked,
+                    Reverse(c.priority),
+                    c.seq,
+                ),
+                c,
+            )
+        })
+        .collect();
+    keyed.sort_unstable_by_key(|(k, _)| *k);
+    keyed.into_iter().map(|(_, c)| c).collect()
+}
+
 /// One pass: the syncer's reconciliations first, then the mapper.
 pub fn plan(input: &PlanInput<'_>) -> Vec<Action> {
     let mut actions = Vec::new();
@@ -476,26 +502,7 @@ fn map(input: &PlanInput<'_>, actions: &mut Vec<Action>) {
         }
     }
 
-    // Order: Locked before Queued, then priority (high first), then submission order.
-    // Keys are extracted once: comparing through the (large) containers costs cache misses.
-    let mut keyed: Vec<(OrderKey, &Container)> = input
-        .containers
-        .iter()
-        .filter(|c| matches!(c.state, ContainerState::Queued | ContainerState::Locked))
-        .filter(|c| !input.runners.contains_key(&c.id))
-        .map(|c| {
-            (
-                (
-                    c.state != ContainerState::Locked,
-                    Reverse(c.priority),
-                    c.seq,
-                ),
-                c,
-            )
-        })
-        .collect();
-    keyed.sort_unstable_by_key(|(k, _)| *k);
-    let order = keyed.into_iter().map(|(_, c)| c);
+    let order = waiting_order(input.containers, input.runners).into_iter();
 
     if !input.pool_recovered {
         // A locked container may be running on a worker not yet probed; starting it elsewhere
@@ -526,19 +533,6 @@ fn map(input: &PlanInput<'_>, actions: &mut Vec<Action>) {
     let mut creates_left = input.creates_allowed;
     let mut planned = 0usize;
     for c in order {
-        if !overquota.is_empty() {
-            // Past the first container that cannot get a VM, nothing jumps the line.
-            overquota.push(c);
-            continue;
-        }
-        if c.priority < 1 {
-            if c.state == ContainerState::Locked {
-                actions.push(Action::Unlock {
-                    container: c.id.clone(),
-                });
-            }
-            continue;
-        }
         let rc = &c.runtime_constraints;
         let list = *eligible_index
             .entry((
@@ -558,11 +552,25 @@ fn map(input: &PlanInput<'_>, actions: &mut Vec<Action>) {
                 eligible_lists.len() - 1
             });
         let eligible = &eligible_lists[list];
-        if eligible.is_empty() {
+        // What no type fits is cancelled wherever it stands in line: it would never run.
+        if eligible.is_empty() && c.priority >= 1 {
             actions.push(Action::Cancel {
                 container: c.id.clone(),
                 reason: unsatisfiable_reason(rc),
             });
+            continue;
+        }
+        if !overquota.is_empty() {
+            // Past the first container that cannot get a VM, nothing jumps the line.
+            overquota.push(c);
+            continue;
+        }
+        if c.priority < 1 {
+            if c.state == ContainerState::Locked {
+                actions.push(Action::Unlock {
+                    container: c.id.clone(),
+                });
+            }
             continue;
         }
         let need = Resources::of_need(rc);
@@ -674,15 +682,31 @@ fn release_overtaken_locks(overquota: &[&Container], actions: &mut Vec<Action>) 
     }
 }
 
-fn unsatisfiable_reason(rc: &RuntimeConstraints) -> String {
+pub fn unsatisfiable_reason(rc: &RuntimeConstraints) -> String {
     format!(
-        "constraints not satisfiable by any configured instance type (needs {} vCPUs, {} bytes RAM, {} bytes scratch, {} GPUs{})",
+        "no instance type fits: needs {} vCPUs, {} RAM, {} scratch, {} GPUs{}",
         rc.vcpus,
-        rc.ram_bytes,
-        rc.scratch_bytes,
+        human_bytes(rc.ram_bytes),
+        human_bytes(rc.scratch_bytes),
         rc.gpus,
         if rc.preemptible { ", preemptible" } else { "" }
     )
+}
+
+/// `1.5 GiB`, `512 MiB`, `0 B`: sizes as an operator reads them.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 || value.fract() == 0.0 {
+        format!("{value:.0} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 /// Cheapest type first; among equals the busiest worker (pack, so others can go idle), then
@@ -887,7 +911,11 @@ mod tests {
             },
             Row {
                 name: "two small containers pack onto one VM; the third needs another",
-                containers: vec![c("a", Locked, 1, 1, 1), c("b", Locked, 1, 1, 1), c("c", Locked, 1, 1, 1)],
+                containers: vec![
+                    c("a", Locked, 1, 1, 1),
+                    c("b", Locked, 1, 1, 1),
+                    c("c", Locked, 1, 1, 1),
+                ],
                 workers: vec![w("i1", "small", Idle)],
                 runners: vec![],
                 flags: Flags::default(),
@@ -903,7 +931,10 @@ mod tests {
             },
             Row {
                 name: "prefer the busier worker of the same price",
-                containers: vec![c("a", Locked, 1, 1, 1), c("x", ContainerState::Running, 1, 1, 1)],
+                containers: vec![
+                    c("a", Locked, 1, 1, 1),
+                    c("x", ContainerState::Running, 1, 1, 1),
+                ],
                 workers: vec![w("i1", "small", Idle), w("i2", "small", Running)],
                 runners: vec![("x", running("i2"))],
                 flags: Flags::default(),
@@ -917,10 +948,8 @@ mod tests {
                 flags: Flags::default(),
                 expect: vec![Action::Cancel {
                     container: "a".into(),
-                    reason: format!(
-                        "constraints not satisfiable by any configured instance type (needs 64 vCPUs, {} bytes RAM, 0 bytes scratch, 0 GPUs)",
-                        GIB
-                    ),
+                    reason: "no instance type fits: needs 64 vCPUs, 1 GiB RAM, 0 B scratch, 0 GPUs"
+                        .into(),
                 }],
             },
             Row {
@@ -933,18 +962,30 @@ mod tests {
             },
             Row {
                 name: "at quota: locks stay while nothing overtakes them, idle VMs nothing fits go",
-                containers: vec![c("a", Locked, 3, 4, 4), c("b", Locked, 2, 4, 4), c("c", Queued, 1, 4, 4)],
+                containers: vec![
+                    c("a", Locked, 3, 4, 4),
+                    c("b", Locked, 2, 4, 4),
+                    c("c", Queued, 1, 4, 4),
+                ],
                 workers: vec![w("i1", "small", Idle)],
                 runners: vec![],
-                flags: Flags { at_quota: true, ..Default::default() },
-                expect: vec![Action::Shutdown { worker: "i1".into() }],
+                flags: Flags {
+                    at_quota: true,
+                    ..Default::default()
+                },
+                expect: vec![Action::Shutdown {
+                    worker: "i1".into(),
+                }],
             },
             Row {
                 name: "at quota: a lock overtaken by a higher-priority waiting container lets go",
                 containers: vec![c("a", Locked, 1, 1, 1), c("b", Queued, 5, 1, 1)],
                 workers: vec![],
                 runners: vec![],
-                flags: Flags { at_quota: true, ..Default::default() },
+                flags: Flags {
+                    at_quota: true,
+                    ..Default::default()
+                },
                 expect: vec![unlock("a")],
             },
             Row {
@@ -952,15 +993,24 @@ mod tests {
                 containers: vec![c("a", Queued, 1, 2, 1), c("b", Queued, 1, 2, 1)],
                 workers: vec![],
                 runners: vec![],
-                flags: Flags { headroom: Some(1), ..Default::default() },
+                flags: Flags {
+                    headroom: Some(1),
+                    ..Default::default()
+                },
                 expect: vec![create("small", "a")],
             },
             Row {
                 name: "a pending create is never shut down to free quota, nor locked onto",
                 containers: vec![c("a", Queued, 1, 8, 1)],
-                workers: vec![WorkerSlot { id: SlotId::Pending(3), ..w("", "small", Booting) }],
+                workers: vec![WorkerSlot {
+                    id: SlotId::Pending(3),
+                    ..w("", "small", Booting)
+                }],
                 runners: vec![],
-                flags: Flags { at_quota: true, ..Default::default() },
+                flags: Flags {
+                    at_quota: true,
+                    ..Default::default()
+                },
                 expect: vec![],
             },
             Row {
@@ -968,7 +1018,11 @@ mod tests {
                 containers: vec![c("a", Queued, 1, 1, 1)],
                 workers: vec![],
                 runners: vec![],
-                flags: Flags { at_capacity: &["lb.small"], price_factor: Some(3.0), ..Default::default() },
+                flags: Flags {
+                    at_capacity: &["lb.small"],
+                    price_factor: Some(3.0),
+                    ..Default::default()
+                },
                 expect: vec![create("medium", "a")],
             },
             Row {
@@ -976,7 +1030,10 @@ mod tests {
                 containers: vec![c("a", Queued, 1, 1, 1)],
                 workers: vec![],
                 runners: vec![],
-                flags: Flags { at_capacity: &["lb.small"], ..Default::default() },
+                flags: Flags {
+                    at_capacity: &["lb.small"],
+                    ..Default::default()
+                },
                 expect: vec![],
             },
             Row {
@@ -984,7 +1041,10 @@ mod tests {
                 containers: vec![c("a", Queued, 1, 1, 1), c("b", Locked, 1, 1, 1)],
                 workers: vec![],
                 runners: vec![],
-                flags: Flags { create_held: true, ..Default::default() },
+                flags: Flags {
+                    create_held: true,
+                    ..Default::default()
+                },
                 expect: vec![],
             },
             Row {
@@ -1000,7 +1060,10 @@ mod tests {
                 containers: vec![c("a", Locked, 1, 1, 1), c("b", Queued, 1, 1, 1)],
                 workers: vec![w("i1", "small", Unknown)],
                 runners: vec![],
-                flags: Flags { not_recovered: true, ..Default::default() },
+                flags: Flags {
+                    not_recovered: true,
+                    ..Default::default()
+                },
                 expect: vec![],
             },
             Row {
@@ -1014,7 +1077,10 @@ mod tests {
             Row {
                 name: "hold and drain workers take no new work",
                 containers: vec![c("a", Queued, 1, 1, 1)],
-                workers: vec![WorkerSlot { accepts_work: false, ..w("i1", "small", Idle) }],
+                workers: vec![WorkerSlot {
+                    accepts_work: false,
+                    ..w("i1", "small", Idle)
+                }],
                 runners: vec![],
                 flags: Flags::default(),
                 expect: vec![create("small", "a")],

@@ -2,7 +2,7 @@
 
 use driver_abi::InstanceType;
 
-use super::plan::eligible_types;
+use super::plan::{eligible_types, unsatisfiable_reason};
 use crate::queue::Container;
 
 /// What stands between waiting containers and a VM, as seen at one pass.
@@ -24,7 +24,7 @@ pub fn waiting_reason(c: &Container, p: &Pressure<'_>) -> String {
     }
     let eligible = eligible_types(&c.runtime_constraints, p.types, p.maximum_price_factor);
     let Some(cheapest) = eligible.first() else {
-        return "no instance type fits".into();
+        return unsatisfiable_reason(&c.runtime_constraints);
     };
     if let Some(trouble) = eligible.iter().find_map(|t| (p.create_trouble)(t)) {
         return trouble;
