@@ -35,6 +35,7 @@ fn container(i: usize, state: ContainerState) -> Container {
         exit_code: None,
         runtime_error: None,
         log_dir: None,
+        cost: None,
         scheduling_status: None,
     }
 }
@@ -92,6 +93,7 @@ fn scenario(at_quota: bool) -> Duration {
         quota_headroom: if at_quota { 0 } else { usize::MAX },
         at_capacity: &at_capacity,
         creates_allowed: usize::MAX,
+        spend_left: f64::INFINITY,
         pool_recovered: true,
         listings_settled: true,
     };

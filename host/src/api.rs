@@ -172,6 +172,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/containers/{id}/logs/{stream}", get(logs))
         .route("/instances", get(instances))
         .route("/scheduler/queue", get(scheduler_queue))
+        .route("/costs", get(costs))
         .route("/scheduler/queue/{id}", get(scheduler_entry))
         .route("/metrics", get(metrics))
         .route_layer(guard(Need::Read));
@@ -504,6 +505,11 @@ async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError> {
         .metrics
         .render(&state.dispatcher.instances(), &containers, now_ms);
     Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
+}
+
+/// `GET /costs`: the fleet's $/h now, what it spent today (UTC) and the cap.
+async fn costs(State(state): State<ApiState>) -> Json<crate::cost::Spend> {
+    Json(state.dispatcher.spend())
 }
 
 async fn instances(State(state): State<ApiState>) -> Json<Vec<crate::pool::InstanceView>> {

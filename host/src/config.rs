@@ -172,6 +172,9 @@ pub struct Limits {
     /// Per container and stream: a longer stdout or stderr keeps its first this many bytes,
     /// then a line saying it was truncated.
     pub max_log_bytes: u64,
+    /// The fleet's price may not pass this many $/h: no create that would pass it (it acts
+    /// like a quota). 0 = no cap.
+    pub max_hourly_spend: f64,
 }
 
 impl Default for Limits {
@@ -185,6 +188,7 @@ impl Default for Limits {
             maximum_price_factor: 1.5,
             max_dispatch_attempts: 10,
             max_log_bytes: 100 << 20,
+            max_hourly_spend: 0.0,
         }
     }
 }
@@ -322,6 +326,7 @@ const LIMITS_FIELDS: &[&str] = &[
     "maximum_price_factor",
     "max_dispatch_attempts",
     "max_log_bytes",
+    "max_hourly_spend",
 ];
 
 const INSTANCE_TYPE_FIELDS: &[&str] = &[
@@ -725,6 +730,15 @@ impl Reader<'_> {
         }
         self.set(t, "max_dispatch_attempts", &mut out.max_dispatch_attempts);
         self.set(t, "max_log_bytes", &mut out.max_log_bytes);
+        if let Some(line) = self.set(t, "max_hourly_spend", &mut out.max_hourly_spend) {
+            if !out.max_hourly_spend.is_finite() || out.max_hourly_spend < 0.0 {
+                self.report(
+                    line,
+                    t.key_of("max_hourly_spend"),
+                    "must be 0 (no cap) or a price per hour",
+                );
+            }
+        }
         out
     }
 
@@ -1079,7 +1093,7 @@ price = 0.5
 
     #[test]
     fn numbers_out_of_range_are_refused_where_they_are_written() {
-        let text = "instance_types = []\n[timeouts]\nidle_seconds = -1\nterm_seconds = nan\nssh_dial_seconds = inf\nshutdown_seconds = 0\n[limits]\nmax_probes_per_second = 0\nmaximum_price_factor = 0.5\nmax_cloud_ops_per_second = -1\n[resource_tags]\nteam = 1\n";
+        let text = "instance_types = []\n[timeouts]\nidle_seconds = -1\nterm_seconds = nan\nssh_dial_seconds = inf\nshutdown_seconds = 0\n[limits]\nmax_probes_per_second = 0\nmaximum_price_factor = 0.5\nmax_hourly_spend = -2\nmax_cloud_ops_per_second = -1\n[resource_tags]\nteam = 1\n";
         assert_eq!(
             problems(text),
             vec![
@@ -1089,8 +1103,9 @@ price = 0.5
                 "c.toml:5: timeouts.ssh_dial_seconds: inf seconds is too long",
                 "c.toml:8: limits.max_probes_per_second: must be more than 0",
                 "c.toml:9: limits.maximum_price_factor: must be at least 1",
-                "c.toml:10: limits.max_cloud_ops_per_second: must be 0 or more",
-                "c.toml:12: resource_tags.team: invalid type: integer `1`, expected a string",
+                "c.toml:10: limits.max_hourly_spend: must be 0 (no cap) or a price per hour",
+                "c.toml:11: limits.max_cloud_ops_per_second: must be 0 or more",
+                "c.toml:13: resource_tags.team: invalid type: integer `1`, expected a string",
             ]
         );
     }

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::config::ClusterConfig;
+use crate::cost::{Spend, SpendMeter};
 use crate::pool::probe::{boot_probe, Remote, RemoteError, RunnerBinary};
 use crate::pool::{
     state, Cloud, CreateError, Effect, Exec, ExecFactory, IdleBehavior, InstanceView, Listed, Pool,
@@ -35,6 +36,10 @@ const TIMEOUT_CHECK_INTERVAL: Duration = Duration::from_millis(250);
 /// Events from the tasks the dispatcher started. Bounded: a task waits rather than letting
 /// results pile up without limit; 1024 covers a full probe round of a large pool.
 const EVENT_QUEUE: usize = 1024;
+
+/// How often the spend meter is written to the state directory (and at shutdown): a crash
+/// loses at most this much of the day's spend figure.
+const SPEND_SAVE_INTERVAL: Duration = Duration::from_secs(60);
 
 enum Event {
     Listed {
@@ -150,6 +155,9 @@ pub struct DispatcherHandle {
     instances: Arc<Mutex<Vec<InstanceView>>>,
     /// The scheduler's queue with why each container waits; replaced at each scheduling pass.
     queue_view: Arc<Mutex<Arc<SchedulerQueue>>>,
+    /// The fleet's spend today; advanced whenever the fleet changes.
+    spend: Arc<Mutex<SpendMeter>>,
+    max_hourly_spend: Option<f64>,
 }
 
 /// The scheduler's queue at its last pass, for the management API.
@@ -182,6 +190,15 @@ impl DispatcherHandle {
 
     pub fn instances(&self) -> Vec<InstanceView> {
         self.instances.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// The fleet's price now and its spend today.
+    pub fn spend(&self) -> Spend {
+        let now = crate::queue::now_ms();
+        match self.spend.lock() {
+            Ok(m) => m.spend(now, self.max_hourly_spend),
+            Err(_) => SpendMeter::new(now).spend(now, self.max_hourly_spend),
+        }
     }
 
     /// The scheduler's queue as of its last pass.
@@ -223,6 +240,9 @@ struct Settings {
     maximum_price_factor: f64,
     max_per_instance: usize,
     max_log_bytes: u64,
+    max_hourly_spend: Option<f64>,
+    /// Where the spend meter is kept across restarts.
+    spend_path: PathBuf,
 }
 
 pub struct Dispatcher {
@@ -266,6 +286,8 @@ pub struct Dispatcher {
     active_rev: Option<i64>,
     /// When this process first saw each active container (Unix milliseconds).
     first_seen: HashMap<String, i64>,
+    /// When the spend meter was last saved.
+    spend_saved_at: Instant,
 }
 
 impl Dispatcher {
@@ -322,6 +344,9 @@ impl Dispatcher {
                 maximum_price_factor: config.limits.maximum_price_factor,
                 max_per_instance: config.limits.max_running_containers_per_instance,
                 max_log_bytes: config.limits.max_log_bytes,
+                max_hourly_spend: (config.limits.max_hourly_spend > 0.0)
+                    .then_some(config.limits.max_hourly_spend),
+                spend_path: config.state_dir.join("spend.json"),
             },
             queue,
             cloud,
@@ -338,6 +363,12 @@ impl Dispatcher {
                 actions: actions_tx,
                 instances: Arc::new(Mutex::new(Vec::new())),
                 queue_view: Arc::new(Mutex::new(Arc::new(SchedulerQueue::default()))),
+                spend: Arc::new(Mutex::new(SpendMeter::load(
+                    &config.state_dir.join("spend.json"),
+                    crate::queue::now_ms(),
+                ))),
+                max_hourly_spend: (config.limits.max_hourly_spend > 0.0)
+                    .then_some(config.limits.max_hourly_spend),
             },
             listing: None,
             next_sync_at: now,
@@ -349,6 +380,7 @@ impl Dispatcher {
             active: Vec::new(),
             active_rev: None,
             first_seen: HashMap::new(),
+            spend_saved_at: now,
         })
     }
 
@@ -380,6 +412,7 @@ impl Dispatcher {
                 self.apply(event);
             }
         }
+        self.meter_spend(Instant::now(), true);
         for exec in self.pool.executors() {
             exec.close().await;
         }
@@ -739,6 +772,26 @@ impl Dispatcher {
         if let Ok(mut slot) = self.handle.instances.lock() {
             *slot = self.pool.view();
         }
+        self.meter_spend(now, false);
+    }
+
+    /// Counts the fleet's spend up to now at the price it had, and takes today's price; saves
+    /// the meter at most once a minute (and at `final_save`).
+    fn meter_spend(&mut self, now: Instant, final_save: bool) {
+        let price = self.pool.hourly_price();
+        let Ok(mut meter) = self.handle.spend.lock() else {
+            return;
+        };
+        meter.accrue(crate::queue::now_ms(), price);
+        if final_save || now >= self.spend_saved_at + SPEND_SAVE_INTERVAL {
+            self.spend_saved_at = now;
+            if let Err(e) = meter.save(&self.settings.spend_path) {
+                log::warn!(
+                    "Saving the spend meter to {} failed: {e}",
+                    self.settings.spend_path.display()
+                );
+            }
+        }
     }
 
     fn probe(&self, job: ProbeJob) {
@@ -958,6 +1011,10 @@ impl Dispatcher {
             quota_headroom: self.cloud.quota_headroom(self.pool.instance_count()),
             at_capacity: &at_capacity,
             creates_allowed: self.cloud.creates_allowed(),
+            spend_left: match self.settings.max_hourly_spend {
+                Some(cap) => (cap - self.pool.hourly_price()).max(0.0),
+                None => f64::INFINITY,
+            },
             pool_recovered: self.pool.recovered(now),
             listings_settled: self.pool.listings_settled(),
         };
@@ -994,6 +1051,7 @@ impl Dispatcher {
             maximum_price_factor: input.maximum_price_factor,
             quota_headroom: input.quota_headroom,
             creates_allowed: input.creates_allowed,
+            spend_left: input.spend_left,
             at_capacity: &|t| input.at_capacity.contains(&t.provider_type),
             create_trouble: &|t| self.pool.create_trouble(&t.name, now),
         };
@@ -1203,6 +1261,7 @@ impl Dispatcher {
         let queue = Arc::clone(&self.queue);
         let dir = self.settings.log_dir.join(&c.id);
         let cap = self.settings.max_log_bytes;
+        let price = self.price_of(worker);
         let worker = worker.to_string();
         self.spawn(async move {
             let remote = Remote {
@@ -1213,6 +1272,8 @@ impl Dispatcher {
             let result = record_result(&remote, &*exec, &*queue, &c, &worker, &dir, cap).await;
             if let Err(e) = &result {
                 log::warn!("container={id} instance={worker} recording the result failed: {e}");
+            } else if let Some(price) = price {
+                record_cost(&*queue, &id, price);
             }
             Event::Recorded {
                 container: id,
@@ -1236,6 +1297,8 @@ impl Dispatcher {
         };
         self.busy.extend(containers.iter().cloned());
         let binary = self.binary.clone();
+        let queue = Arc::clone(&self.queue);
+        let price = self.price_of(worker);
         let worker = worker.to_string();
         self.spawn(async move {
             let remote = Remote {
@@ -1245,6 +1308,11 @@ impl Dispatcher {
             let result = remote.forget(&*exec, &containers).await;
             if let Err(e) = &result {
                 log::debug!("instance={worker} forget {containers:?}: {e}");
+            } else if let Some(price) = price {
+                // Containers cancelled while they ran end here, not in a finalize.
+                for id in &containers {
+                    record_cost(&*queue, id, price);
+                }
             }
             Event::Forgot {
                 worker,
@@ -1252,6 +1320,16 @@ impl Dispatcher {
                 ok: result.is_ok(),
             }
         });
+    }
+
+    /// The hourly price of a worker's (configured) type.
+    fn price_of(&self, worker: &str) -> Option<f64> {
+        let type_name = self.pool.type_of(worker)?;
+        self.settings
+            .types
+            .iter()
+            .find(|t| t.name == type_name)
+            .map(|t| t.price)
     }
 
     /// SIGTERM, repeated every `signal` until the runner is gone or `term` passed; never SIGKILL.
@@ -1293,6 +1371,16 @@ impl Dispatcher {
                 tokio::time::sleep(every).await;
             }
         });
+    }
+}
+
+/// Records a finished container's share of its VM's price (once; a failure only loses the
+/// figure, never the result).
+fn record_cost(queue: &dyn Queue, id: &str, price_per_hour: f64) {
+    match queue.record_cost(id, price_per_hour) {
+        Ok(Some(cost)) => log::debug!("container={id} cost={cost:.6}"),
+        Ok(None) => {}
+        Err(e) => log::warn!("container={id} recording its cost failed: {e}"),
     }
 }
 

@@ -6,6 +6,7 @@ pub mod client;
 pub mod cloudops;
 pub mod config;
 pub mod conformance;
+pub mod cost;
 pub mod dispatcher;
 pub mod instance_secret;
 pub mod metrics;

@@ -1048,6 +1048,26 @@ impl Pool {
         self.workers.values().map(|w| Arc::clone(&w.exec)).collect()
     }
 
+    /// What the fleet costs per hour now: every instance of a configured type, creates in
+    /// flight included (a cloud bills from the create).
+    pub fn hourly_price(&self) -> f64 {
+        let price = |name: &str| {
+            self.config
+                .types
+                .iter()
+                .find(|t| t.name == name)
+                .map_or(0.0, |t| t.price)
+        };
+        let listed: f64 = self
+            .workers
+            .values()
+            .filter_map(|w| w.type_name.as_deref())
+            .map(price)
+            .sum();
+        let pending: f64 = self.pending.values().map(|p| price(&p.type_name)).sum();
+        listed + pending
+    }
+
     pub fn view(&self) -> Vec<InstanceView> {
         let price = |name: Option<&str>| {
             name.and_then(|n| self.config.types.iter().find(|t| t.name == n))

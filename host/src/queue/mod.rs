@@ -163,6 +163,10 @@ pub struct Container {
     pub runtime_error: Option<String>,
     /// Directory holding `stdout` and `stderr` once the result is recorded.
     pub log_dir: Option<String>,
+    /// Dollars: its VM's price over its run, shared with the containers on that VM at each
+    /// moment. Set once it has ended on a VM of a configured type.
+    #[serde(default)]
+    pub cost: Option<f64>,
     /// Why a waiting container has not started, as the dispatcher saw it at its last pass.
     /// Not stored: the API fills it in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -250,4 +254,7 @@ pub trait Queue: Send + Sync {
     /// Any non-final state → Cancelled, with `reason` as the runtime error.
     fn cancel(&self, id: &str, reason: &str) -> Result<(), QueueError>;
     fn set_priority(&self, id: &str, priority: i64) -> Result<(), QueueError>;
+    /// Records what a finished container that ran on a VM cost, at that VM's hourly price;
+    /// `None` when it never ran or is not final.
+    fn record_cost(&self, id: &str, price_per_hour: f64) -> Result<Option<f64>, QueueError>;
 }

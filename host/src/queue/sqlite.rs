@@ -49,6 +49,9 @@ const MIGRATIONS: &[&str] = &[
     // changed since its last pass instead of the whole active queue.
     "ALTER TABLE containers ADD COLUMN rev INTEGER NOT NULL DEFAULT 0;
      CREATE INDEX containers_rev ON containers(rev);",
+    // A finished container's share of its VM's price; the index finds the VM's other runs.
+    "ALTER TABLE containers ADD COLUMN cost REAL;
+     CREATE INDEX containers_instance ON containers(instance_id);",
 ];
 
 /// The columns `from_row` reads, in its order (positional: looking columns up by name costs
@@ -56,7 +59,7 @@ const MIGRATIONS: &[&str] = &[
 const COLUMNS: &str = "id, state, priority, command, env, working_dir, image, vcpus, ram_bytes, \
     scratch_bytes, gpus, preemptible, lock_count, dispatch_attempts, instance_type, instance_id, \
     seq, created_at_ms, started_at_ms, finished_at_ms, recorded_at_ms, exit_code, runtime_error, \
-    log_dir";
+    log_dir, cost";
 
 pub struct SqliteQueue {
     path: PathBuf,
@@ -122,6 +125,7 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Container> {
         exit_code: row.get(21)?,
         runtime_error: row.get(22)?,
         log_dir: row.get(23)?,
+        cost: row.get(24)?,
         scheduling_status: None,
     })
 }
@@ -484,6 +488,39 @@ impl Queue for SqliteQueue {
         )
     }
 
+    fn record_cost(&self, id: &str, price_per_hour: f64) -> Result<Option<f64>, QueueError> {
+        let cost = self.write(|c, rev| {
+            let own: Option<(Option<String>, Option<i64>, Option<i64>)> = c
+                .query_row(
+                    "SELECT instance_id, started_at_ms, finished_at_ms FROM containers
+                     WHERE id = ?1 AND state IN ('Complete', 'Cancelled') AND cost IS NULL",
+                    params![id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            let Some((Some(instance), Some(start), Some(end))) = own else {
+                return Ok(None);
+            };
+            let mut others = c.prepare_cached(
+                "SELECT started_at_ms, finished_at_ms FROM containers
+                 WHERE instance_id = ?1 AND id != ?2 AND started_at_ms IS NOT NULL
+                   AND started_at_ms < ?4 AND (finished_at_ms IS NULL OR finished_at_ms > ?3)",
+            )?;
+            let others: Vec<(i64, Option<i64>)> = others
+                .query_map(params![instance, id, start, end], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let cost = crate::cost::container_cost(price_per_hour, start, end, &others);
+            c.execute(
+                "UPDATE containers SET cost = ?2, rev = ?3 WHERE id = ?1",
+                params![id, cost, rev],
+            )?;
+            Ok(Some(cost))
+        })?;
+        Ok(cost)
+    }
+
     fn set_priority(&self, id: &str, priority: i64) -> Result<(), QueueError> {
         if priority < 0 {
             return Err(QueueError::Invalid("priority: must be 0 or more".into()));
@@ -604,6 +641,40 @@ mod tests {
             q.attempt_failed(&c.id, "late", 3).is_err(),
             "final state changed"
         );
+    }
+
+    #[test]
+    fn a_finished_container_pays_its_share_of_its_vm_once() {
+        let (_d, q) = queue();
+        const HOUR: i64 = 3_600_000;
+        let run = |id: &str, vm: &str, start: i64, end: i64| {
+            q.lock(id, "small").expect("lock");
+            q.set_running(id, vm, Some("small")).expect("run");
+            q.complete(
+                id,
+                &RunResult {
+                    log_dir: "/tmp/x",
+                    started_at_ms: Some(start),
+                    finished_at_ms: Some(end),
+                    ..RunResult::default()
+                },
+            )
+            .expect("complete");
+        };
+        let (a, b, c) = (submit(&q).id, submit(&q).id, submit(&q).id);
+        // a runs two hours; b shares its second hour on the same VM; c is on another VM.
+        run(&a, "i-1", 0, 2 * HOUR);
+        run(&b, "i-1", HOUR, 2 * HOUR);
+        run(&c, "i-2", 0, 2 * HOUR);
+        let cost = |id: &str| q.record_cost(id, 1.0).expect("cost");
+        assert_eq!(cost(&a), Some(1.5));
+        assert_eq!(cost(&b), Some(0.5));
+        assert_eq!(cost(&c), Some(2.0));
+        assert_eq!(cost(&a), None, "recorded once");
+        assert_eq!(q.get(&a).expect("get").cost, Some(1.5));
+        let waiting = submit(&q).id;
+        assert_eq!(q.record_cost(&waiting, 1.0).expect("cost"), None);
+        assert_eq!(q.get(&waiting).expect("get").cost, None);
     }
 
     #[test]

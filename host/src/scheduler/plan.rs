@@ -89,6 +89,9 @@ pub struct PlanInput<'a> {
     pub at_capacity: &'a HashSet<String>,
     /// How many creates may start now (rate limit, concurrency cap); beyond that, wait.
     pub creates_allowed: usize,
+    /// The $/h `limits.max_hourly_spend` still allows above the fleet's price now
+    /// (`f64::INFINITY` without a cap): a create costing more waits as if over quota.
+    pub spend_left: f64,
     /// Every worker listed at start-up has been probed (or the stale-lock timeout passed):
     /// only then may locks from a previous run be treated as stale.
     pub pool_recovered: bool,
@@ -531,6 +534,7 @@ fn map(input: &PlanInput<'_>, actions: &mut Vec<Action>) {
     let mut overquota: Vec<&Container> = Vec::new();
     let mut quota_left = input.quota_headroom;
     let mut creates_left = input.creates_allowed;
+    let mut spend_left = input.spend_left;
     let mut planned = 0usize;
     for c in order {
         let rc = &c.runtime_constraints;
@@ -611,9 +615,15 @@ fn map(input: &PlanInput<'_>, actions: &mut Vec<Action>) {
                     .find(|t| !input.at_capacity.contains(&t.provider_type));
                 // At capacity or throttled: wait where it stands, lock unchanged.
                 let Some(t) = available else { continue };
+                if t.price > spend_left {
+                    // The spending cap is a quota in dollars: wait, and free idle VMs.
+                    overquota.push(c);
+                    continue;
+                }
                 if creates_left == 0 {
                     continue;
                 }
+                spend_left -= t.price;
                 actions.push(Action::Create {
                     instance_type: t.name.clone(),
                     container: c.id.clone(),
@@ -783,6 +793,7 @@ mod tests {
             exit_code: None,
             runtime_error: None,
             log_dir: None,
+            cost: None,
             scheduling_status: None,
         }
     }
@@ -810,6 +821,8 @@ mod tests {
         not_recovered: bool,
         at_capacity: &'static [&'static str],
         price_factor: Option<f64>,
+        /// $/h the spending cap leaves (default: no cap).
+        spend_left: Option<f64>,
     }
 
     struct Row {
@@ -880,6 +893,7 @@ mod tests {
                 },
                 at_capacity: &at_capacity,
                 creates_allowed: if row.flags.create_held { 0 } else { usize::MAX },
+                spend_left: row.flags.spend_left.unwrap_or(f64::INFINITY),
                 pool_recovered: !row.flags.not_recovered,
                 listings_settled: true,
             };
@@ -893,6 +907,30 @@ mod tests {
     #[test]
     fn mapper_table() {
         check(vec![
+            Row {
+                name: "the spending cap allows one more small VM, not a second",
+                containers: vec![c("a", Queued, 1, 2, 2), c("b", Queued, 1, 2, 2)],
+                workers: vec![],
+                runners: vec![],
+                flags: Flags {
+                    spend_left: Some(0.03),
+                    ..Flags::default()
+                },
+                expect: vec![create("small", "a")],
+            },
+            Row {
+                name: "past the spending cap an idle VM of another type is let go",
+                containers: vec![c("a", Queued, 1, 8, 16)],
+                workers: vec![w("i1", "small", Idle)],
+                runners: vec![],
+                flags: Flags {
+                    spend_left: Some(0.05),
+                    ..Flags::default()
+                },
+                expect: vec![Action::Shutdown {
+                    worker: "i1".into(),
+                }],
+            },
             Row {
                 name: "queued, no workers: create the cheapest fitting type, no lock yet",
                 containers: vec![c("a", Queued, 1, 1, 1)],
@@ -1275,6 +1313,7 @@ mod tests {
                 quota_headroom: [0, 2, 0, 6][pass % 4],
                 at_capacity: &no_capacity,
                 creates_allowed: [0, 1, 3][pass % 3],
+                spend_left: f64::INFINITY,
                 pool_recovered: true,
                 listings_settled: true,
             };

@@ -11,6 +11,8 @@ pub struct Pressure<'a> {
     pub maximum_price_factor: f64,
     pub quota_headroom: usize,
     pub creates_allowed: usize,
+    /// See `PlanInput::spend_left`.
+    pub spend_left: f64,
     /// Provider types in a capacity hold-off.
     pub at_capacity: &'a dyn Fn(&InstanceType) -> bool,
     /// A hold-off after failing creates of this (config) type, in words.
@@ -32,6 +34,14 @@ pub fn waiting_reason(c: &Container, p: &Pressure<'_>) -> String {
     if p.quota_headroom == 0 {
         return "over quota: waiting for an instance to be freed".into();
     }
+    if cheapest.price > p.spend_left {
+        return format!(
+            "over the spending cap: a {} costs ${}/h and limits.max_hourly_spend leaves ${}/h",
+            cheapest.name,
+            dollars(cheapest.price),
+            dollars(p.spend_left)
+        );
+    }
     if eligible.iter().all(|t| (p.at_capacity)(t)) {
         return format!("no cloud capacity for type {} (held off)", cheapest.name);
     }
@@ -39,4 +49,13 @@ pub fn waiting_reason(c: &Container, p: &Pressure<'_>) -> String {
         return "creates are rate limited".into();
     }
     format!("waiting for a VM of type {} to boot", cheapest.name)
+}
+
+/// A price as an operator reads it: cents for most, more digits for fractions of a cent.
+pub fn dollars(v: f64) -> String {
+    if v != 0.0 && v.abs() < 0.1 {
+        format!("{v:.4}")
+    } else {
+        format!("{v:.2}")
+    }
 }
