@@ -495,16 +495,16 @@ async fn instance_action(
 }
 
 /// Prometheus scrapes with a bearer token like any reader (`authorization` in its config).
-async fn metrics(State(state): State<ApiState>) -> Result<Response, ApiError> {
-    let containers = state.queue.list(true)?;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or_default();
-    let text = state
-        .metrics
-        .render(&state.dispatcher.instances(), &containers, now_ms);
-    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let instances = state.dispatcher.instances();
+    let queue = state.dispatcher.scheduler_queue();
+    let text = state.metrics.render(&crate::metrics::Snapshot {
+        instances: &instances,
+        queue: &queue,
+        spend: &state.dispatcher.spend(),
+        now_ms: crate::queue::now_ms(),
+    });
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
 /// `GET /costs`: the fleet's $/h now, what it spent today (UTC) and the cap.

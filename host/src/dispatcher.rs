@@ -20,8 +20,8 @@ use crate::config::ClusterConfig;
 use crate::cost::{Spend, SpendMeter};
 use crate::pool::probe::{boot_probe, Remote, RemoteError, RunnerBinary};
 use crate::pool::{
-    state, Cloud, CreateError, Effect, Exec, ExecFactory, IdleBehavior, InstanceView, Listed, Pool,
-    PoolConfig, ProbeJob, ProbeReport, Started,
+    state, Cloud, CreateError, Effect, Exec, ExecFactory, FleetObserver, IdleBehavior,
+    InstanceView, Listed, Pool, PoolConfig, ProbeJob, ProbeReport, Started,
 };
 use crate::queue::ContainerState;
 use crate::queue::{Container, Queue, QueueError, RunResult};
@@ -164,17 +164,23 @@ pub struct DispatcherHandle {
 #[derive(Default)]
 pub struct SchedulerQueue {
     pub entries: Vec<QueueEntry>,
+    /// The quota (or `max_instances`) allowed no more instances at that pass.
+    pub at_quota: bool,
     index: HashMap<String, usize>,
 }
 
 impl SchedulerQueue {
-    fn new(entries: Vec<QueueEntry>) -> Self {
+    fn new(entries: Vec<QueueEntry>, at_quota: bool) -> Self {
         let index = entries
             .iter()
             .enumerate()
             .map(|(i, e)| (e.container.clone(), i))
             .collect();
-        SchedulerQueue { entries, index }
+        SchedulerQueue {
+            entries,
+            at_quota,
+            index,
+        }
     }
 
     pub fn get(&self, container: &str) -> Option<&QueueEntry> {
@@ -288,6 +294,7 @@ pub struct Dispatcher {
     first_seen: HashMap<String, i64>,
     /// When the spend meter was last saved.
     spend_saved_at: Instant,
+    observer: Arc<dyn FleetObserver>,
 }
 
 impl Dispatcher {
@@ -298,6 +305,7 @@ impl Dispatcher {
         factory: Arc<dyn ExecFactory>,
         binary: RunnerBinary,
         public_key: Option<String>,
+        observer: Arc<dyn FleetObserver>,
     ) -> Result<Self, QueueError> {
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         let (actions_tx, actions_rx) = mpsc::channel(64);
@@ -328,6 +336,7 @@ impl Dispatcher {
                 public_key,
             },
             factory,
+            Arc::clone(&observer),
             now,
         );
         Ok(Dispatcher {
@@ -381,6 +390,7 @@ impl Dispatcher {
             active_rev: None,
             first_seen: HashMap::new(),
             spend_saved_at: now,
+            observer,
         })
     }
 
@@ -466,7 +476,7 @@ impl Dispatcher {
             let effect = match &request.action {
                 InstanceAction::Kill { reason } => {
                     let reason = format!("killed by an operator: {reason}");
-                    self.pool.shutdown(id, &reason)
+                    self.pool.shutdown(id, &reason, Instant::now())
                 }
                 InstanceAction::Hold { reason }
                 | InstanceAction::Drain { reason }
@@ -770,7 +780,7 @@ impl Dispatcher {
             .min();
         }
         if let Ok(mut slot) = self.handle.instances.lock() {
-            *slot = self.pool.view();
+            *slot = self.pool.view(now, crate::queue::now_ms());
         }
         self.meter_spend(now, false);
     }
@@ -804,8 +814,11 @@ impl Dispatcher {
             };
             let exec: &dyn Exec = &*job.exec;
             let mut booted = !job.needs_boot;
+            let mut reached = false;
             if job.needs_boot {
-                booted = matches!(boot_probe(exec, &boot_command).await, Ok(true));
+                let boot = boot_probe(exec, &boot_command).await;
+                reached = boot.is_ok();
+                booted = matches!(boot, Ok(true));
                 // Deploy even when the boot probe failed: a VM already running containers
                 // must still be listable (reference #20235).
                 if let Err(e) = remote.deploy(exec).await {
@@ -817,6 +830,7 @@ impl Dispatcher {
                             worker: job.worker,
                             started: job.started,
                             report: ProbeReport {
+                                reached,
                                 booted,
                                 list: Err(e),
                             },
@@ -829,7 +843,11 @@ impl Dispatcher {
             Event::Probed {
                 worker: job.worker,
                 started: job.started,
-                report: ProbeReport { booted, list },
+                report: ProbeReport {
+                    reached: reached || list.is_ok(),
+                    booted,
+                    list,
+                },
             }
         });
     }
@@ -1057,7 +1075,10 @@ impl Dispatcher {
         };
         let wall_now = crate::queue::now_ms();
         let first_seen = |id: &str| self.first_seen.get(id).copied().unwrap_or(wall_now);
-        let view = SchedulerQueue::new(queue_view(input, actions, &pressure, &first_seen));
+        let view = SchedulerQueue::new(
+            queue_view(input, actions, &pressure, &first_seen),
+            input.quota_headroom == 0,
+        );
         if let Ok(mut slot) = self.handle.queue_view.lock() {
             *slot = Arc::new(view);
         }
@@ -1158,7 +1179,9 @@ impl Dispatcher {
             // Gathered per worker before the other actions (see `schedule`).
             Action::Forget { .. } => {}
             Action::Shutdown { worker } => {
-                let effect = self.pool.shutdown(&worker, "frees quota for other work");
+                let effect = self
+                    .pool
+                    .shutdown(&worker, "frees quota for other work", now);
                 self.execute(effect.into_iter().collect());
             }
         }
@@ -1207,12 +1230,19 @@ impl Dispatcher {
         };
         let binary = self.binary.clone();
         let worker = worker.to_string();
+        let observer = Arc::clone(&self.observer);
+        let submitted_at_ms = c.created_at_ms;
         self.spawn(async move {
             let remote = Remote {
                 binary: &binary,
                 sudo,
             };
             let result = remote.start(&*exec, &spec, &forget).await;
+            if result.is_ok() {
+                let waited = crate::queue::now_ms().saturating_sub(submitted_at_ms);
+                observer
+                    .container_started(Duration::from_millis(u64::try_from(waited).unwrap_or(0)));
+            }
             Event::Started {
                 container: spec.id,
                 worker,

@@ -294,6 +294,7 @@ pub async fn serve(
         factory,
         binary,
         public_key,
+        Arc::clone(&metrics) as Arc<dyn crate::pool::FleetObserver>,
     )?;
     let handle = dispatcher.handle();
 

@@ -95,6 +95,34 @@ fn promtool_accepts_a_scrape_mid_run_and_the_counters_move() {
         value(&mid, "dispatch_cloud_memory_bytes{state=\"running\"}"),
         Some(2.0 * 1024.0 * 1024.0 * 1024.0)
     );
+    for (series, expected) in [
+        (
+            "dispatch_cloud_boot_outcomes_total{outcome=\"success\"}",
+            1.0,
+        ),
+        (
+            "dispatch_cloud_boot_outcomes_total{outcome=\"failure\"}",
+            0.0,
+        ),
+        (
+            "dispatch_cloud_queue_entries{state=\"Running\",instance_type=\"small\"}",
+            1.0,
+        ),
+        ("dispatch_cloud_instances_time_to_ssh_seconds_count", 1.0),
+        ("dispatch_cloud_instances_time_to_ready_seconds_count", 1.0),
+        (
+            "dispatch_cloud_containers_queue_to_start_seconds_count",
+            1.0,
+        ),
+        ("dispatch_cloud_at_quota", 0.0),
+        ("dispatch_cloud_containers_allocated_not_started", 0.0),
+    ] {
+        assert_eq!(value(&mid, series), Some(expected), "{series}\n{mid}");
+    }
+    assert!(
+        value(&mid, "dispatch_cloud_spent_today_dollars").is_some(),
+        "{mid}"
+    );
     let create = "dispatch_cloud_driver_operations_total{driver=\"loopback\",operation=\"create\",error=\"none\"}";
     let destroy = "dispatch_cloud_driver_operations_total{driver=\"loopback\",operation=\"destroy\",error=\"none\"}";
     assert_eq!(value(&mid, create), Some(1.0), "{mid}");
@@ -115,6 +143,14 @@ fn promtool_accepts_a_scrape_mid_run_and_the_counters_move() {
     assert_eq!(
         value(&after, "dispatch_cloud_containers_running"),
         Some(0.0)
+    );
+    assert_eq!(
+        value(
+            &after,
+            "dispatch_cloud_instances_shutdown_to_gone_seconds_count"
+        ),
+        Some(1.0),
+        "{after}"
     );
     assert!(
         ureq::get(&format!("{}/metrics", h.url)).call().is_err(),

@@ -11,6 +11,7 @@ use driver_abi::{CreateRequest, DriverError, Instance, InstancePrice, InstanceTy
 use tokio::time::Instant;
 
 use super::*;
+use crate::metrics::Metrics;
 use crate::pool::{BoxFuture, Endpoint, Exec, ExecFactory, IdleBehavior, InstanceState};
 use crate::queue::{ContainerState, NewContainer, RuntimeConstraints, SqliteQueue};
 use crate::runner::{CollectHeader, ExitRecord, LogPart, RunEntry, RunList, RunState};
@@ -391,6 +392,7 @@ struct Rig {
     handle: DispatcherHandle,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
+    metrics: Arc<Metrics>,
     _dir: tempfile::TempDir,
 }
 
@@ -433,6 +435,7 @@ impl Rig {
         setup(&cloud);
         let queue =
             Arc::new(SqliteQueue::open(&dir.path().join("queue.sqlite"), "zzzzz").expect("queue"));
+        let metrics = Arc::new(Metrics::new("fake", &config.instance_types()));
         let dispatcher = Dispatcher::new(
             &config,
             queue.clone(),
@@ -442,6 +445,7 @@ impl Rig {
             }),
             RunnerBinary::installed("/usr/bin/dispatch-cloud"),
             None,
+            metrics.clone(),
         )
         .expect("dispatcher");
         let handle = dispatcher.handle();
@@ -456,8 +460,25 @@ impl Rig {
             handle,
             stop: Some(stop),
             task: Some(task),
+            metrics,
             _dir: dir,
         }
+    }
+
+    /// The value of one series of a scrape taken now.
+    fn metric(&self, series: &str) -> Option<f64> {
+        let instances = self.handle.instances();
+        let queue = self.handle.scheduler_queue();
+        let text = self.metrics.render(&crate::metrics::Snapshot {
+            instances: &instances,
+            queue: &queue,
+            spend: &self.handle.spend(),
+            now_ms: crate::queue::now_ms(),
+        });
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
     }
 
     fn submit(&self) -> String {
@@ -737,6 +758,30 @@ async fn a_vm_that_never_answers_is_shut_down_at_the_boot_timeout() {
     })
     .await;
     assert_eq!(rig.container(&id).dispatch_attempts, 0);
+    // One boot failed, the next succeeded; each boot and the destroy were timed.
+    let boots = |outcome: &str| {
+        rig.metric(&format!(
+            "dispatch_cloud_boot_outcomes_total{{outcome=\"{outcome}\"}}"
+        ))
+    };
+    assert_eq!(boots("failure"), Some(1.0));
+    assert_eq!(boots("success"), Some(1.0));
+    assert_eq!(boots("aborted"), Some(0.0));
+    assert_eq!(
+        rig.metric("dispatch_cloud_instances_time_to_ready_seconds_count"),
+        Some(1.0)
+    );
+    assert_eq!(
+        rig.metric("dispatch_cloud_instances_shutdown_to_gone_seconds_count"),
+        Some(1.0)
+    );
+    assert_eq!(
+        rig.metric("dispatch_cloud_containers_queue_to_start_seconds_count"),
+        Some(1.0)
+    );
+    assert!(rig
+        .metric("dispatch_cloud_instances_probe_duration_seconds_count{outcome=\"success\"}")
+        .is_some_and(|n| n >= 1.0));
     rig.stop().await;
 }
 

@@ -6,7 +6,8 @@
 //! - `probe` — boot probe, runner deployment by hash, and the runner protocol, over [`Exec`].
 //! - `collect` — a finished run's result and logs, streamed from the VM into log files.
 //! - `seams` — the traits the pool and dispatcher work through: [`Cloud`], [`Exec`],
-//!   [`ExecFactory`]; production wires `CloudOps` and SSH, tests wire fakes.
+//!   [`ExecFactory`], [`FleetObserver`]; production wires `CloudOps`, SSH and the metrics,
+//!   tests wire fakes.
 //! - `backoff` — failing creates are retried with a growing delay per instance type.
 //! - `view` — the API's serializable picture of an instance.
 
@@ -18,7 +19,9 @@ pub mod state;
 pub mod view;
 mod workers;
 
-pub use seams::{BoxFuture, Cloud, CreateError, Endpoint, Exec, ExecFactory, Listed};
+pub use seams::{
+    BootOutcome, BoxFuture, Cloud, CreateError, Endpoint, Exec, ExecFactory, FleetObserver, Listed,
+};
 pub use state::IdleBehavior;
 pub use view::{InstanceState, InstanceView};
 pub use workers::{Effect, Pool, PoolConfig, ProbeJob, ProbeReport, Started};

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use driver_abi::{CreateRequest, DriverError, Instance, InstanceType, Tags};
 use tokio::sync::mpsc;
@@ -12,6 +13,57 @@ use tokio::time::Instant;
 
 use crate::instance_secret;
 use crate::ssh::{CommandOutput, SshError};
+
+/// How the boot of a VM this process created ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootOutcome {
+    /// Its boot probe passed and the runner is deployed.
+    Success,
+    /// The boot timeout passed first.
+    Failure,
+    /// Shut down before it booted (drained, killed, no longer needed).
+    Aborted,
+    /// Gone from the cloud's list before it booted.
+    Disappeared,
+}
+
+impl BootOutcome {
+    pub const ALL: [BootOutcome; 4] = [
+        BootOutcome::Success,
+        BootOutcome::Failure,
+        BootOutcome::Aborted,
+        BootOutcome::Disappeared,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BootOutcome::Success => "success",
+            BootOutcome::Failure => "failure",
+            BootOutcome::Aborted => "aborted",
+            BootOutcome::Disappeared => "disappeared",
+        }
+    }
+}
+
+/// What the pool and the dispatcher report as it happens, for metrics (`metrics::Metrics`
+/// implements it). Calls are cheap and never fail.
+pub trait FleetObserver: Send + Sync {
+    fn boot_outcome(&self, outcome: BootOutcome);
+    /// An instance vanished from the cloud's list while in this state.
+    fn instance_disappeared(&self, state: &str);
+    /// From a create returning to the first SSH session that reached the VM.
+    fn time_to_ssh(&self, took: Duration);
+    /// From that first SSH session to booted (boot probe passed, runner deployed).
+    fn time_to_ready(&self, took: Duration);
+    /// From deciding to shut a VM down to the driver confirming its destroy.
+    fn shutdown_to_gone(&self, took: Duration);
+    /// A run probe (`runner list`) came back.
+    fn probe_finished(&self, ok: bool, took: Duration);
+    /// A container's start returned: how long since it was submitted.
+    fn container_started(&self, waited: Duration);
+    /// A worker's event stream ended (a probe reopens it).
+    fn event_stream_ended(&self);
+}
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 

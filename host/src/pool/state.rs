@@ -78,6 +78,9 @@ pub struct Facts {
     pub all_runners_gave_up: bool,
 }
 
+/// The reason a VM that never booted in time is shut down.
+pub const BOOT_TIMEOUT: &str = "boot timeout";
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
     Shutdown(&'static str),
@@ -91,7 +94,7 @@ pub fn decide(f: &Facts, now: Instant, t: &Timeouts) -> Option<Decision> {
         WorkerStatus::Shutdown => None,
         WorkerStatus::Unknown | WorkerStatus::Booting => {
             if !hold && since(f.last_probe_ok.unwrap_or(f.appeared_at)) >= t.booting {
-                Some(Decision::Shutdown("boot timeout"))
+                Some(Decision::Shutdown(BOOT_TIMEOUT))
             } else if f.status == WorkerStatus::Booting && f.behavior == IdleBehavior::Drain {
                 Some(Decision::Shutdown("drained while booting"))
             } else {

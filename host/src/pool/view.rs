@@ -61,4 +61,16 @@ pub struct InstanceView {
     /// failing, draining because it broke).
     #[serde(default)]
     pub reason: Option<String>,
+    /// The last container started on it.
+    #[serde(default)]
+    pub last_container: Option<String>,
+    /// When it last started a container (or appeared), Unix ms.
+    #[serde(default)]
+    pub last_busy_at_ms: i64,
+    /// When a probe of it last succeeded, Unix ms.
+    #[serde(default)]
+    pub last_probe_ok_at_ms: Option<i64>,
+    /// Its runner's event stream is open.
+    #[serde(default)]
+    pub event_stream: bool,
 }

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::backoff::CreateBackoff;
 use super::probe::RemoteError;
-use super::seams::{CreateError, Exec, ExecFactory, Listed};
+use super::seams::{BootOutcome, CreateError, Exec, ExecFactory, FleetObserver, Listed};
 use super::state::{self, after_probe, Decision, Facts, IdleBehavior};
 use super::tags;
 use super::view::{InstanceState, InstanceView};
@@ -112,6 +112,8 @@ pub struct ProbeJob {
 
 /// What a probe found.
 pub struct ProbeReport {
+    /// An SSH session reached the VM (whatever its commands answered).
+    pub reached: bool,
     /// The boot probe passed and the runner is deployed.
     pub booted: bool,
     pub list: Result<RunList, RemoteError>,
@@ -152,6 +154,16 @@ struct Worker {
     /// What the event stream (or a forget) said about a run since the last probe began, and
     /// when: a probe that began earlier must not undo it. `None`: forgotten.
     fresh: HashMap<String, (Option<RunState>, Instant)>,
+    /// This process created it (its boot is ours to time and count).
+    created_here: bool,
+    /// When an SSH session first reached it.
+    reached_at: Option<Instant>,
+    /// Its boot outcome has been counted.
+    boot_counted: bool,
+    /// When it was decided to shut it down.
+    shutdown_requested_at: Option<Instant>,
+    /// The last container started on it.
+    last_container: Option<String>,
 }
 
 /// What of a worker the scheduler and the instance view depend on.
@@ -198,6 +210,7 @@ struct Pending {
 pub struct Pool {
     config: PoolConfig,
     factory: Arc<dyn ExecFactory>,
+    observer: Arc<dyn FleetObserver>,
     workers: HashMap<String, Worker>,
     pending: HashMap<u64, Pending>,
     next_pending: u64,
@@ -214,10 +227,16 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(config: PoolConfig, factory: Arc<dyn ExecFactory>, now: Instant) -> Self {
+    pub fn new(
+        config: PoolConfig,
+        factory: Arc<dyn ExecFactory>,
+        observer: Arc<dyn FleetObserver>,
+        now: Instant,
+    ) -> Self {
         Pool {
             config,
             factory,
+            observer,
             workers: HashMap::new(),
             pending: HashMap::new(),
             next_pending: 0,
@@ -288,6 +307,7 @@ impl Pool {
                 behavior = IdleBehavior::Drain;
             }
         }
+        let created_here = status == WorkerStatus::Booting;
         log::info!(
             "instance={id} type={} state={status:?} behavior={} added",
             type_name.as_deref().unwrap_or("?"),
@@ -319,8 +339,21 @@ impl Pool {
                 watching: false,
                 watch_failures: 0,
                 fresh: HashMap::new(),
+                created_here,
+                reached_at: None,
+                boot_counted: false,
+                shutdown_requested_at: None,
+                last_container: None,
             },
         );
+    }
+
+    /// Counts the boot outcome of a VM this process created, once.
+    fn count_boot(observer: &dyn FleetObserver, w: &mut Worker, outcome: BootOutcome) {
+        if w.created_here && !w.boot_counted {
+            w.boot_counted = true;
+            observer.boot_outcome(outcome);
+        }
     }
 
     /// Takes a worker out; starts that failed on it count as attempts (they cannot be checked
@@ -401,6 +434,17 @@ impl Pool {
         changed |= !fresh_added.is_empty() || !gone.is_empty();
         for id in gone {
             log::info!("instance={id} disappeared from the cloud's list; removing it");
+            if let Some(w) = self.workers.get_mut(&id) {
+                self.observer
+                    .instance_disappeared(InstanceState::from(&w.status).as_str());
+                if !w.booted {
+                    Self::count_boot(&*self.observer, w, BootOutcome::Disappeared);
+                }
+                if let Some(at) = w.shutdown_requested_at {
+                    self.observer
+                        .shutdown_to_gone(now.saturating_duration_since(at));
+                }
+            }
             self.remove_worker(&id, &mut effects);
         }
         if changed {
@@ -540,9 +584,26 @@ impl Pool {
         };
         let before = w.fingerprint();
         w.probing = false;
+        if report.reached && w.reached_at.is_none() {
+            w.reached_at = Some(now);
+            if w.created_here {
+                self.observer
+                    .time_to_ssh(now.saturating_duration_since(w.appeared_at));
+            }
+        }
+        if report.booted && !w.booted {
+            if w.created_here && !w.boot_counted {
+                let reached = w.reached_at.unwrap_or(now);
+                self.observer
+                    .time_to_ready(now.saturating_duration_since(reached));
+            }
+            Self::count_boot(&*self.observer, w, BootOutcome::Success);
+        }
         if report.booted {
             w.booted = true;
         }
+        self.observer
+            .probe_finished(report.list.is_ok(), now.saturating_duration_since(started));
         let mut refused = false;
         let effects = match report.list {
             Ok(list) => self.apply_run_list(id, started, list, now),
@@ -743,6 +804,7 @@ impl Pool {
     pub fn watch_ended(&mut self, id: &str, now: Instant) {
         let interval = self.config.probe_interval;
         if let Some(w) = self.workers.get_mut(id) {
+            self.observer.event_stream_ended();
             w.watching = false;
             w.watch_failures = w.watch_failures.saturating_add(1);
             w.next_probe_at = w
@@ -822,7 +884,7 @@ impl Pool {
     }
 
     /// Marks the worker Shutdown and asks for its destruction, unless it is already going.
-    pub fn shutdown(&mut self, id: &str, reason: &str) -> Option<Effect> {
+    pub fn shutdown(&mut self, id: &str, reason: &str, now: Instant) -> Option<Effect> {
         let w = self.workers.get_mut(id)?;
         if w.status == WorkerStatus::Shutdown {
             return None;
@@ -831,7 +893,16 @@ impl Pool {
             "instance={id} from={:?} to=Shutdown reason={reason:?}",
             w.status
         );
+        if !w.booted {
+            let outcome = if reason == state::BOOT_TIMEOUT {
+                BootOutcome::Failure
+            } else {
+                BootOutcome::Aborted
+            };
+            Self::count_boot(&*self.observer, w, outcome);
+        }
         w.status = WorkerStatus::Shutdown;
+        w.shutdown_requested_at = Some(now);
         Some(Self::destroy(id, w))
     }
 
@@ -853,6 +924,10 @@ impl Pool {
         w.destroying = false;
         if ok {
             log::info!("instance={id} destroyed");
+            if let Some(at) = w.shutdown_requested_at {
+                self.observer
+                    .shutdown_to_gone(now.saturating_duration_since(at));
+            }
             self.remove_worker(id, &mut effects);
         } else {
             w.shutdown_at = Some(now);
@@ -902,7 +977,7 @@ impl Pool {
             }
         }
         for (id, reason) in go {
-            effects.extend(self.shutdown(&id, reason));
+            effects.extend(self.shutdown(&id, reason, now));
         }
         effects
     }
@@ -922,6 +997,7 @@ impl Pool {
         w.starting.insert(container.to_string(), None);
         w.status = WorkerStatus::Running;
         w.busy_at = now;
+        w.last_container = Some(container.to_string());
         Some((Arc::clone(&w.exec), w.sudo()))
     }
 
@@ -1068,7 +1144,13 @@ impl Pool {
         listed + pending
     }
 
-    pub fn view(&self) -> Vec<InstanceView> {
+    /// The instances as the API shows them; `now` and `wall_now_ms` are the same moment on
+    /// the loop's clock and the wall clock.
+    pub fn view(&self, now: Instant, wall_now_ms: i64) -> Vec<InstanceView> {
+        let wall = |at: Instant| {
+            let ago = i64::try_from(now.saturating_duration_since(at).as_millis()).unwrap_or(0);
+            wall_now_ms.saturating_sub(ago)
+        };
         let price = |name: Option<&str>| {
             name.and_then(|n| self.config.types.iter().find(|t| t.name == n))
                 .map_or(0.0, |t| t.price)
@@ -1096,6 +1178,10 @@ impl Pool {
                     price: price(w.type_name.as_deref()),
                     containers,
                     reason: w.reason.clone(),
+                    last_container: w.last_container.clone(),
+                    last_busy_at_ms: wall(w.busy_at),
+                    last_probe_ok_at_ms: w.last_probe_ok.map(wall),
+                    event_stream: w.watching,
                 }
             })
             .collect();
@@ -1109,6 +1195,10 @@ impl Pool {
             price: price(Some(&p.type_name)),
             containers: Vec::new(),
             reason: None,
+            last_container: None,
+            last_busy_at_ms: wall_now_ms,
+            last_probe_ok_at_ms: None,
+            event_stream: false,
         }));
         views.sort_by(|a, b| a.id.cmp(&b.id));
         views

@@ -1,6 +1,7 @@
 //! Why a container waits, in words an operator can act on.
 
 use driver_abi::InstanceType;
+use serde::{Deserialize, Serialize};
 
 use super::plan::{eligible_types, unsatisfiable_reason};
 use crate::queue::Container;
@@ -19,36 +20,68 @@ pub struct Pressure<'a> {
     pub create_trouble: &'a dyn Fn(&InstanceType) -> Option<String>,
 }
 
-/// The first thing that keeps `c` (queued or locked, not started) from running.
-pub fn waiting_reason(c: &Container, p: &Pressure<'_>) -> String {
+/// What a container waits for, as a word a program can count by (metrics, the page).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Waiting {
+    /// Priority 0.
+    Held,
+    Unsatisfiable,
+    /// Creates of its type fail and are held off.
+    CreateFailing,
+    OverQuota,
+    OverSpendCap,
+    AtCapacity,
+    RateLimited,
+    /// For a VM being created or booting.
+    Boot,
+}
+
+/// The first thing that keeps `c` (queued, not started) from running.
+pub fn waiting_reason(c: &Container, p: &Pressure<'_>) -> (Waiting, String) {
     if c.priority < 1 {
-        return "priority 0: held".into();
+        return (Waiting::Held, "priority 0: held".into());
     }
     let eligible = eligible_types(&c.runtime_constraints, p.types, p.maximum_price_factor);
     let Some(cheapest) = eligible.first() else {
-        return unsatisfiable_reason(&c.runtime_constraints);
+        return (
+            Waiting::Unsatisfiable,
+            unsatisfiable_reason(&c.runtime_constraints),
+        );
     };
     if let Some(trouble) = eligible.iter().find_map(|t| (p.create_trouble)(t)) {
-        return trouble;
+        return (Waiting::CreateFailing, trouble);
     }
     if p.quota_headroom == 0 {
-        return "over quota: waiting for an instance to be freed".into();
+        return (
+            Waiting::OverQuota,
+            "over quota: waiting for an instance to be freed".into(),
+        );
     }
     if cheapest.price > p.spend_left {
-        return format!(
-            "over the spending cap: a {} costs ${}/h and limits.max_hourly_spend leaves ${}/h",
-            cheapest.name,
-            dollars(cheapest.price),
-            dollars(p.spend_left)
+        return (
+            Waiting::OverSpendCap,
+            format!(
+                "over the spending cap: a {} costs ${}/h and limits.max_hourly_spend leaves ${}/h",
+                cheapest.name,
+                dollars(cheapest.price),
+                dollars(p.spend_left)
+            ),
         );
     }
     if eligible.iter().all(|t| (p.at_capacity)(t)) {
-        return format!("no cloud capacity for type {} (held off)", cheapest.name);
+        return (
+            Waiting::AtCapacity,
+            format!("no cloud capacity for type {} (held off)", cheapest.name),
+        );
     }
     if p.creates_allowed == 0 {
-        return "creates are rate limited".into();
+        return (Waiting::RateLimited, "creates are rate limited".into());
     }
-    format!("waiting for a VM of type {} to boot", cheapest.name)
+    (
+        Waiting::Boot,
+        format!("waiting for a VM of type {} to boot", cheapest.name),
+    )
 }
 
 /// A price as an operator reads it: cents for most, more digits for fractions of a cent.

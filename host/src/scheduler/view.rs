@@ -4,7 +4,7 @@ use rustc_hash::FxHashMap as HashMap;
 use serde::{Deserialize, Serialize};
 
 use super::plan::{eligible_types, waiting_order, Action, PlanInput, RunnerSeen};
-use super::status::{waiting_reason, Pressure};
+use super::status::{waiting_reason, Pressure, Waiting};
 use crate::queue::{Container, ContainerState, RuntimeConstraints};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -12,6 +12,7 @@ pub struct QueueEntry {
     pub container: String,
     pub state: ContainerState,
     pub priority: i64,
+    pub created_at_ms: i64,
     pub runtime_constraints: RuntimeConstraints,
     /// The types it may run on, cheapest first (within the price factor).
     pub instance_types: Vec<String>,
@@ -19,6 +20,9 @@ pub struct QueueEntry {
     pub first_seen_at_ms: i64,
     /// Why it waits, or where it runs, in words.
     pub scheduling_status: String,
+    /// What it waits for, as a word; absent once it is on a VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Waiting>,
     /// The VM it runs (or starts) on.
     pub instance: Option<String>,
 }
@@ -41,7 +45,7 @@ pub fn queue_view(
     // Eligible types and the reason to wait depend on the shape and whether priority is 0,
     // not on the container: worked out once per shape (a queue of 100k holds few shapes).
     type Shape = (u32, u64, u64, u32, bool, bool);
-    let mut by_shape: HashMap<Shape, (Vec<String>, String)> = HashMap::default();
+    let mut by_shape: HashMap<Shape, (Vec<String>, (Waiting, String))> = HashMap::default();
     let mut shape_of = |c: &Container| {
         let rc = &c.runtime_constraints;
         let shape = (
@@ -63,38 +67,43 @@ pub fn queue_view(
             })
             .clone()
     };
-    let entry =
-        |c: &Container, types: Vec<String>, status: String, instance: Option<String>| QueueEntry {
-            container: c.id.clone(),
-            state: c.state,
-            priority: c.priority,
-            runtime_constraints: c.runtime_constraints.clone(),
-            instance_types: types,
-            first_seen_at_ms: first_seen(&c.id),
-            scheduling_status: status,
-            instance,
-        };
+    let entry = |c: &Container,
+                 types: Vec<String>,
+                 (waiting, status): (Option<Waiting>, String),
+                 instance: Option<String>| QueueEntry {
+        container: c.id.clone(),
+        state: c.state,
+        priority: c.priority,
+        created_at_ms: c.created_at_ms,
+        runtime_constraints: c.runtime_constraints.clone(),
+        instance_types: types,
+        first_seen_at_ms: first_seen(&c.id),
+        scheduling_status: status,
+        waiting,
+        instance,
+    };
     let mut entries = Vec::new();
     for c in waiting_order(input.containers, input.runners) {
-        let (types, reason) = shape_of(c);
+        let (types, (waiting, reason)) = shape_of(c);
         let status = match (started.get(c.id.as_str()), c.state, &c.instance_type) {
             (Some(worker), _, _) => {
                 entries.push(entry(
                     c,
                     types,
-                    format!("starting on {worker}"),
+                    (None, format!("starting on {worker}")),
                     Some(worker.to_string()),
                 ));
                 continue;
             }
             // Locked: it has its place on a VM that is booting (or its lock is stale from a
             // previous run, and is about to be released).
-            (None, ContainerState::Locked, Some(t)) => {
-                format!("waiting for a VM of type {t} to boot")
-            }
-            _ => reason,
+            (None, ContainerState::Locked, Some(t)) => (
+                Waiting::Boot,
+                format!("waiting for a VM of type {t} to boot"),
+            ),
+            _ => (waiting, reason),
         };
-        entries.push(entry(c, types, status, None));
+        entries.push(entry(c, types, (Some(status.0), status.1), None));
     }
     let mut on_vms: Vec<(&Container, &RunnerSeen)> = input
         .containers
@@ -112,7 +121,7 @@ pub fn queue_view(
             RunnerSeen::Exited { .. } => format!("finished on {worker}; recording its result"),
             RunnerSeen::Stale { .. } => format!("its runner on {worker} died; to be requeued"),
         };
-        entries.push(entry(c, types, status, Some(worker)));
+        entries.push(entry(c, types, (None, status), Some(worker)));
     }
     entries
 }
