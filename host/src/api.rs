@@ -25,6 +25,8 @@ pub struct ApiState {
     /// Tokens of the management endpoints; empty: `tokens` manage too.
     pub management_tokens: Arc<Vec<String>>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// What `/_health/ping` checks.
+    pub runner: crate::pool::probe::RunnerBinary,
 }
 
 /// What a token may do.
@@ -187,10 +189,7 @@ pub fn router(state: ApiState) -> Router {
         .route_layer(guard(Need::Manage));
     let authed = read.merge(submit).merge(manage);
     Router::new()
-        .route(
-            "/_health/ping",
-            get(|| async { Json(serde_json::json!({"health": "OK"})) }),
-        )
+        .route("/_health/ping", get(health))
         .merge(authed)
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {
@@ -200,6 +199,18 @@ pub fn router(state: ApiState) -> Router {
             )
         })
         .with_state(state)
+}
+
+/// No token: a load balancer's check. 503 when the runner deployed to VMs cannot be read.
+async fn health(State(state): State<ApiState>) -> Response {
+    match state.runner.check_readable() {
+        Ok(()) => Json(serde_json::json!({"health": "OK"})).into_response(),
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"health": "ERROR", "error": error})),
+        )
+            .into_response(),
+    }
 }
 
 /// One container (an object), or many (an array: all are queued, or none).

@@ -602,28 +602,49 @@ fn ps_scheduling(server: ServerArgs, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `instances`: the VMs as the dispatcher sees them.
+/// `instances`: the VMs as the dispatcher sees them, in the original's columns (`-` for
+/// what is not known), then when each last worked and why one is not in use.
 fn instances(server: ServerArgs, json: bool) -> anyhow::Result<ExitCode> {
     let list = client(&server)?.instances()?;
     if json {
         println!("{}", serde_json::to_string_pretty(&list)?);
-    } else {
-        println!(
-            "{:<12} {:<8} {:<9} {:<6} {:<16} {:<24} REASON",
-            "ID", "TYPE", "STATE", "IDLE", "ADDRESS", "CONTAINERS"
-        );
-        for i in list {
-            println!(
-                "{:<12} {:<8} {:<9} {:<6} {:<16} {:<24} {}",
-                if i.id.is_empty() { "(creating)" } else { &i.id },
-                i.instance_type.unwrap_or_default(),
-                i.state.as_str(),
-                i.idle_behavior.as_str(),
-                i.address,
-                i.containers.join(","),
-                i.reason.unwrap_or_default()
-            );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let or_dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_string()
+        } else {
+            s.to_string()
         }
+    };
+    let now = dispatch_cloud::queue::now_ms();
+    println!(
+        "{:<20} {:<16} {:<9} {:<6} {:<8} {:<14} {:>8} {:<28} {:>9} REASON",
+        "INSTANCE",
+        "ADDRESS",
+        "STATE",
+        "IDLE",
+        "TYPE",
+        "PROVIDER-TYPE",
+        "PRICE",
+        "CONTAINERS",
+        "LAST-BUSY"
+    );
+    for i in list {
+        let idle_for = Duration::from_millis(u64::try_from(now - i.last_busy_at_ms).unwrap_or(0));
+        println!(
+            "{:<20} {:<16} {:<9} {:<6} {:<8} {:<14} {:>8} {:<28} {:>9} {}",
+            if i.id.is_empty() { "(creating)" } else { &i.id },
+            or_dash(&i.address),
+            i.state.as_str(),
+            i.idle_behavior.as_str(),
+            or_dash(i.instance_type.as_deref().unwrap_or_default()),
+            or_dash(&i.provider_type),
+            format!("{:.4}", i.price),
+            or_dash(&i.containers.join(",")),
+            format!("{}s ago", idle_for.as_secs()),
+            i.reason.as_deref().unwrap_or("-")
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -292,7 +292,7 @@ pub async fn serve(
         queue.clone(),
         Arc::new(cloud),
         factory,
-        binary,
+        binary.clone(),
         public_key,
         Arc::clone(&metrics) as Arc<dyn crate::pool::FleetObserver>,
     )?;
@@ -309,6 +309,7 @@ pub async fn serve(
         tokens: Arc::new(tokens),
         management_tokens: Arc::new(config.management_tokens.clone()),
         metrics,
+        runner: binary,
     });
     let address = listener.local_addr()?;
     // Clients of this state dir find the server here, also when the config says port 0.

@@ -418,6 +418,7 @@ pub struct ServeHarness {
     pub token: String,
     config_file: PathBuf,
     child: Option<std::process::Child>,
+    executable: Option<PathBuf>,
 }
 
 /// One loopback instance type (2 vCPUs, 2 GiB, $0.25/h), for tests that need a VM but no
@@ -478,6 +479,8 @@ pub struct HarnessOptions {
     pub timeouts_extra: String,
     /// Top-level keys added before any table (e.g. `management_tokens = […]`).
     pub top_extra: String,
+    /// Run `serve` from this executable instead of the built one.
+    pub executable: Option<PathBuf>,
 }
 
 impl Default for HarnessOptions {
@@ -495,6 +498,7 @@ impl Default for HarnessOptions {
             limits_extra: String::new(),
             timeouts_extra: String::new(),
             top_extra: String::new(),
+            executable: None,
         }
     }
 }
@@ -588,6 +592,7 @@ impl ServeHarness {
             token: "test-token".into(),
             config_file,
             child: None,
+            executable: opts.executable.clone(),
         };
         h.spawn();
         h
@@ -612,7 +617,11 @@ impl ServeHarness {
             .append(true)
             .open(self.dir.path().join("serve.log"))
             .expect("log");
-        let child = Command::new(built("dispatch-cloud"))
+        let executable = self
+            .executable
+            .clone()
+            .unwrap_or_else(|| built("dispatch-cloud"));
+        let child = Command::new(executable)
             .arg("serve")
             .arg("--config")
             .arg(&self.config_file)

@@ -228,6 +228,42 @@ fn the_cli_acts_on_several_and_fails_if_any_is_refused() {
                 .any(|i| i.id == vm && i.idle_behavior.as_str() == "hold")
         })
     });
+    // The fleet in the original's columns: the held VM, its types and price.
+    let out = cli(&["instances", "--url", &h.url, "--token", MANAGEMENT_TOKEN]);
+    let table = text(&out.stdout);
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "INSTANCE",
+            "ADDRESS",
+            "STATE",
+            "IDLE",
+            "TYPE",
+            "PROVIDER-TYPE",
+            "PRICE",
+            "CONTAINERS",
+            "LAST-BUSY",
+            "REASON"
+        ]
+    );
+    let row: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with(&vm))
+        .unwrap_or_else(|| panic!("{vm} not listed:\n{table}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(row[3], "hold", "{table}");
+    assert_eq!(
+        (row[4], row[5], row[6]),
+        ("small", "lb.small", "0.2500"),
+        "{table}"
+    );
     let out = cli(&["run", "--url", &h.url, "--token", MANAGEMENT_TOKEN, &vm]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }

@@ -344,3 +344,35 @@ fn clients_find_the_server_by_state_dir_and_token_file_and_ssh_key_prints_the_ke
     let public = private.public_key().to_openssh().expect("openssh");
     assert_eq!(printed.trim(), format!("{public} dispatch-cloud"));
 }
+
+/// `/_health/ping` needs no token, and fails once the runner deployed to VMs can no longer be
+/// read where it was loaded from (as after an upgrade removed it).
+#[test]
+fn health_fails_when_the_runner_binary_cannot_be_read() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let copy = dir.path().join("dispatch-cloud");
+    std::fs::copy(built("dispatch-cloud"), &copy).expect("copy the host");
+    let h = ServeHarness::start_opts(HarnessOptions {
+        cluster_extra: ONE_SMALL_TYPE.into(),
+        deploy: true,
+        executable: Some(copy.clone()),
+        ..HarnessOptions::default()
+    });
+    let ping = || match ureq::get(&format!("{}/_health/ping", h.url)).call() {
+        Ok(r) => (r.status(), r.into_string().expect("body")),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().expect("body")),
+        Err(e) => panic!("ping: {e}"),
+    };
+    let (status, body) = ping();
+    assert_eq!((status, body.as_str()), (200, "{\"health\":\"OK\"}"));
+    std::fs::remove_file(&copy).expect("remove the runner");
+    let (status, body) = ping();
+    assert_eq!(status, 503, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(body["health"], "ERROR");
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("runner binary") && error.contains(&copy.display().to_string()),
+        "{error}"
+    );
+}

@@ -70,6 +70,8 @@ pub struct RunnerBinary {
     pub bytes: Arc<Vec<u8>>,
     pub sha256: String,
     installed: Option<String>,
+    /// The file the bytes were read from.
+    source: Option<std::path::PathBuf>,
 }
 
 impl RunnerBinary {
@@ -79,7 +81,36 @@ impl RunnerBinary {
             bytes: Arc::new(bytes),
             sha256,
             installed: None,
+            source: None,
         }
+    }
+
+    fn read_from(path: &std::path::Path) -> std::io::Result<Self> {
+        Ok(RunnerBinary {
+            source: Some(path.to_path_buf()),
+            ..Self::from_bytes(std::fs::read(path)?)
+        })
+    }
+
+    /// Whether the runner can still be read where it was loaded from (an upgrade that removed
+    /// it would make the next start fail): what the health check reports.
+    pub fn check_readable(&self) -> Result<(), String> {
+        let Some(path) = &self.source else {
+            return Ok(());
+        };
+        std::fs::File::open(path)
+            .and_then(|f| f.metadata())
+            .map_err(|e| format!("the runner binary {} cannot be read: {e}", path.display()))
+            .and_then(|m| {
+                if m.is_file() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "the runner binary {} is not a file",
+                        path.display()
+                    ))
+                }
+            })
     }
 
     /// A runner already present on every VM at `path`: nothing is deployed.
@@ -88,6 +119,7 @@ impl RunnerBinary {
             bytes: Arc::new(Vec::new()),
             sha256: String::new(),
             installed: Some(path.to_string()),
+            source: None,
         }
     }
 
@@ -106,14 +138,14 @@ impl RunnerBinary {
             .and_then(|o| String::from_utf8(o.stdout).ok())
             .and_then(|v| v.trim().parse::<u32>().ok());
         if speaks == Some(PROTOCOL) {
-            return Ok(Self::from_bytes(std::fs::read(&small)?));
+            return Self::read_from(&small);
         }
         log::info!(
             "{} beside {} is missing or speaks runner protocol {speaks:?}, not {PROTOCOL}: deploying the host executable as the runner.",
             RUNNER_EXECUTABLE,
             exe.display()
         );
-        Ok(Self::from_bytes(std::fs::read(&exe)?))
+        Self::read_from(&exe)
     }
 
     /// Where it lives on a VM; `${DISPATCH_CLOUD_VM_ROOT}` is empty on a real VM.
