@@ -31,7 +31,7 @@ pub struct ApiState {
 
 /// What a token may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Need {
+pub(crate) enum Need {
     /// Read the queue and the fleet: any token.
     Read,
     /// Submit or change containers: an API token.
@@ -124,21 +124,17 @@ pub fn token_matches(tokens: &[String], presented: &str) -> bool {
         .into()
 }
 
-/// 401 without a known token, 403 with one that may not do what the route needs.
-fn authorize(state: &ApiState, request: &Request, need: Need) -> Result<(), ApiError> {
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
+/// Whether the token `presented` may do what `need` asks: 401 when it is no known token,
+/// 403 when it may not do that.
+pub(crate) fn permits(
+    state: &ApiState,
+    presented: &str,
+    need: Need,
+) -> Result<(), (StatusCode, &'static str)> {
     let api = token_matches(&state.tokens, presented);
     let management = token_matches(&state.management_tokens, presented);
     if !api && !management {
-        return Err(ApiError(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token".into(),
-        ));
+        return Err((StatusCode::UNAUTHORIZED, "missing or wrong bearer token"));
     }
     let allowed = match need {
         Need::Read => true,
@@ -152,7 +148,18 @@ fn authorize(state: &ApiState, request: &Request, need: Need) -> Result<(), ApiE
         Need::Manage => "this endpoint needs a management token (management_tokens)",
         _ => "a management token cannot submit or change containers",
     };
-    Err(ApiError(StatusCode::FORBIDDEN, why.into()))
+    Err((StatusCode::FORBIDDEN, why))
+}
+
+/// 401 without a known token, 403 with one that may not do what the route needs.
+fn authorize(state: &ApiState, request: &Request, need: Need) -> Result<(), ApiError> {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    permits(state, presented, need).map_err(|(status, why)| ApiError(status, why.into()))
 }
 
 async fn require(
@@ -189,6 +196,7 @@ pub fn router(state: ApiState) -> Router {
         .route_layer(guard(Need::Manage));
     let authed = read.merge(submit).merge(manage);
     Router::new()
+        .merge(crate::page::routes())
         .route("/_health/ping", get(health))
         .merge(authed)
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
@@ -474,22 +482,8 @@ async fn instance_action(
         serde_json::from_slice(&body)
             .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("body: {e}")))?
     };
-    let reason = body
-        .reason
-        .filter(|r| !r.trim().is_empty())
-        .unwrap_or_else(|| "no reason given".into());
-    let action = match action.as_str() {
-        "hold" => InstanceAction::Hold { reason },
-        "drain" => InstanceAction::Drain { reason },
-        "run" => InstanceAction::Run { reason },
-        "kill" => InstanceAction::Kill { reason },
-        other => {
-            return Err(ApiError(
-                StatusCode::NOT_FOUND,
-                format!("no instance action {other:?}: hold, drain, run or kill"),
-            ))
-        }
-    };
+    let action = parse_action(&action, body.reason)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, unknown_action(&action)))?;
     match state.dispatcher.act(&id, action).await {
         Ok(()) => {
             let view = state
@@ -503,6 +497,24 @@ async fn instance_action(
         Err(e @ ActionError::ShuttingDown(_)) => Err(ApiError(StatusCode::CONFLICT, e.to_string())),
         Err(e) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
     }
+}
+
+/// `hold`, `drain`, `run` or `kill`, with the reason given (or a placeholder).
+pub(crate) fn parse_action(action: &str, reason: Option<String>) -> Option<InstanceAction> {
+    let reason = reason
+        .filter(|r| !r.trim().is_empty())
+        .unwrap_or_else(|| "no reason given".into());
+    Some(match action {
+        "hold" => InstanceAction::Hold { reason },
+        "drain" => InstanceAction::Drain { reason },
+        "run" => InstanceAction::Run { reason },
+        "kill" => InstanceAction::Kill { reason },
+        _ => return None,
+    })
+}
+
+pub(crate) fn unknown_action(action: &str) -> String {
+    format!("no instance action {action:?}: hold, drain, run or kill")
 }
 
 /// Prometheus scrapes with a bearer token like any reader (`authorization` in its config).

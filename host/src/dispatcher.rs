@@ -18,6 +18,7 @@ use tokio::time::Instant;
 
 use crate::config::ClusterConfig;
 use crate::cost::{Spend, SpendMeter};
+use crate::history::{History, Sample};
 use crate::pool::probe::{boot_probe, Remote, RemoteError, RunnerBinary};
 use crate::pool::{
     state, Cloud, CreateError, Effect, Exec, ExecFactory, FleetObserver, IdleBehavior,
@@ -157,6 +158,8 @@ pub struct DispatcherHandle {
     queue_view: Arc<Mutex<Arc<SchedulerQueue>>>,
     /// The fleet's spend today; advanced whenever the fleet changes.
     spend: Arc<Mutex<SpendMeter>>,
+    /// Instances and waiting containers over the last hour.
+    history: Arc<Mutex<History>>,
     max_hourly_spend: Option<f64>,
 }
 
@@ -205,6 +208,11 @@ impl DispatcherHandle {
             Ok(m) => m.spend(now, self.max_hourly_spend),
             Err(_) => SpendMeter::new(now).spend(now, self.max_hourly_spend),
         }
+    }
+
+    /// Instances and waiting containers over the last hour, oldest first.
+    pub fn history(&self) -> Vec<Sample> {
+        self.history.lock().map(|h| h.samples()).unwrap_or_default()
     }
 
     /// The scheduler's queue as of its last pass.
@@ -378,6 +386,7 @@ impl Dispatcher {
                 ))),
                 max_hourly_spend: (config.limits.max_hourly_spend > 0.0)
                     .then_some(config.limits.max_hourly_spend),
+                history: Arc::new(Mutex::new(History::default())),
             },
             listing: None,
             next_sync_at: now,
@@ -789,6 +798,19 @@ impl Dispatcher {
     /// the meter at most once a minute (and at `final_save`).
     fn meter_spend(&mut self, now: Instant, final_save: bool) {
         let price = self.pool.hourly_price();
+        let waiting = self
+            .handle
+            .queue_view
+            .lock()
+            .map(|q| q.entries.iter().filter(|e| e.instance.is_none()).count())
+            .unwrap_or(0);
+        if let Ok(mut history) = self.handle.history.lock() {
+            history.record(Sample {
+                at_ms: crate::queue::now_ms(),
+                instances: self.pool.instance_count(),
+                waiting,
+            });
+        }
         let Ok(mut meter) = self.handle.spend.lock() else {
             return;
         };
