@@ -209,15 +209,22 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-/// No token: a load balancer's check. 503 when the runner deployed to VMs cannot be read.
+/// No token: a load balancer's check. 503 when the runner deployed to VMs cannot be read
+/// (the file's path goes to the log, not to an unauthenticated caller).
 async fn health(State(state): State<ApiState>) -> Response {
     match state.runner.check_readable() {
         Ok(()) => Json(serde_json::json!({"health": "OK"})).into_response(),
-        Err(error) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"health": "ERROR", "error": error})),
-        )
-            .into_response(),
+        Err(error) => {
+            log::error!("Health check failing: {error}");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(serde_json::json!({
+                    "health": "ERROR",
+                    "error": "the runner binary cannot be read (the log names it); restart serve after fixing it",
+                })),
+            )
+                .into_response()
+        }
     }
 }
 
@@ -314,8 +321,11 @@ fn waiting_status(view: &SchedulerQueue, id: &str) -> Option<String> {
 }
 
 /// `GET /scheduler/queue`: every active container in the order the scheduler serves them.
-async fn scheduler_queue(State(state): State<ApiState>) -> Json<Vec<QueueEntry>> {
-    Json(state.dispatcher.scheduler_queue().entries.clone())
+async fn scheduler_queue(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    // Serialized from the shared snapshot: a long queue is not copied per request.
+    let body = serde_json::to_vec(&state.dispatcher.scheduler_queue().entries)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 /// `GET /scheduler/queue/{id}`: one entry; 404 when it is not (or no longer) active.

@@ -641,9 +641,10 @@ impl Reader<'_> {
                 );
             }
             let mut names = HashSet::new();
+            let cap = c.limits.max_hourly_spend;
             c.instance_types = entries
                 .iter()
-                .filter_map(|t| self.instance_type(t, &mut names))
+                .filter_map(|t| self.instance_type(t, &mut names, cap))
                 .collect();
         }
         c
@@ -748,6 +749,7 @@ impl Reader<'_> {
         &mut self,
         t: &Table,
         names: &mut HashSet<String>,
+        max_hourly_spend: f64,
     ) -> Option<InstanceTypeConfig> {
         self.unknown_fields(t, INSTANCE_TYPE_FIELDS);
         let name = self.required::<String>(t, "name");
@@ -772,6 +774,13 @@ impl Reader<'_> {
         if let Some((price, line)) = price {
             if price.is_nan() || price < 0.0 {
                 self.report(line, t.key_of("price"), "must be 0 or more");
+            } else if max_hourly_spend > 0.0 && price > max_hourly_spend {
+                // Under the cap it could never be created: what needs it would wait forever.
+                self.report(
+                    line,
+                    t.key_of("price"),
+                    format!("{price} is more than limits.max_hourly_spend ({max_hourly_spend}): it could never be created"),
+                );
             }
         }
         let mut out = InstanceTypeConfig {
@@ -1107,6 +1116,15 @@ price = 0.5
                 "c.toml:11: limits.max_cloud_ops_per_second: must be 0 or more",
                 "c.toml:13: resource_tags.team: invalid type: integer `1`, expected a string",
             ]
+        );
+    }
+
+    #[test]
+    fn a_type_the_spending_cap_never_allows_is_refused() {
+        let text = "[limits]\nmax_hourly_spend = 1.0\n[[instance_types]]\nname = \"big\"\nprovider_type = \"x\"\nvcpus = 1\nram = \"1GiB\"\nprice = 2.5\n";
+        assert_eq!(
+            problems(text),
+            ["c.toml:8: instance_types[0].price: 2.5 is more than limits.max_hourly_spend (1): it could never be created"]
         );
     }
 

@@ -36,7 +36,7 @@ pub fn container_cost(
                 .iter()
                 .filter(|(s, e)| *s <= from && e.is_none_or(|e| e >= to))
                 .count();
-            price_per_hour * ((to - from) as f64 / MS_PER_HOUR) / sharing as f64
+            price_per_hour * ((to as f64 - from as f64) / MS_PER_HOUR) / sharing as f64
         })
         .sum()
 }
@@ -104,7 +104,7 @@ impl SpendMeter {
             self.spent = 0.0;
         }
         if now_ms > self.at_ms {
-            self.spent += self.price_per_hour * ((now_ms - self.at_ms) as f64 / MS_PER_HOUR);
+            self.spent += self.price_per_hour * ((now_ms as f64 - self.at_ms as f64) / MS_PER_HOUR);
             self.at_ms = now_ms;
         }
         self.price_per_hour = price_per_hour.max(0.0);
@@ -153,6 +153,12 @@ mod tests {
     fn a_container_alone_pays_its_vm_for_its_run() {
         assert!(close(container_cost(0.5, 0, 2 * HOUR, &[]), 1.0));
         assert!(close(container_cost(0.5, 10, 10, &[]), 0.0));
+    }
+
+    #[test]
+    fn times_from_a_vm_cannot_overflow_the_sum() {
+        let cost = container_cost(1.0, i64::MIN, i64::MAX, &[(i64::MIN, None)]);
+        assert!(cost.is_finite() && cost > 0.0);
     }
 
     #[test]

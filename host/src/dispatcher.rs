@@ -42,6 +42,9 @@ const EVENT_QUEUE: usize = 1024;
 /// loses at most this much of the day's spend figure.
 const SPEND_SAVE_INTERVAL: Duration = Duration::from_secs(60);
 
+/// The longest the spend meter and the fleet chart go without a sample on a quiet fleet.
+const METER_INTERVAL: Duration = Duration::from_secs(5);
+
 enum Event {
     Listed {
         launched: Instant,
@@ -167,6 +170,8 @@ pub struct DispatcherHandle {
 #[derive(Default)]
 pub struct SchedulerQueue {
     pub entries: Vec<QueueEntry>,
+    /// Entries not on a VM.
+    pub waiting: usize,
     /// The quota (or `max_instances`) allowed no more instances at that pass.
     pub at_quota: bool,
     index: HashMap<String, usize>,
@@ -180,6 +185,7 @@ impl SchedulerQueue {
             .map(|(i, e)| (e.container.clone(), i))
             .collect();
         SchedulerQueue {
+            waiting: entries.iter().filter(|e| e.instance.is_none()).count(),
             entries,
             at_quota,
             index,
@@ -302,6 +308,8 @@ pub struct Dispatcher {
     first_seen: HashMap<String, i64>,
     /// When the spend meter was last saved.
     spend_saved_at: Instant,
+    /// When the meter and the chart move next if nothing else happens.
+    next_meter_at: Instant,
     observer: Arc<dyn FleetObserver>,
 }
 
@@ -399,6 +407,7 @@ impl Dispatcher {
             active_rev: None,
             first_seen: HashMap::new(),
             spend_saved_at: now,
+            next_meter_at: now,
             observer,
         })
     }
@@ -767,6 +776,10 @@ impl Dispatcher {
         }
         let expired = self.plan_expires_at.is_some_and(|t| now >= t);
         if !(self.replan || expired) {
+            // A quiet fleet still costs money: the meter and the chart move on a timer too.
+            if now >= self.next_meter_at {
+                self.meter_spend(now, false);
+            }
             return;
         }
         if self.pool.listed_once() {
@@ -797,12 +810,13 @@ impl Dispatcher {
     /// Counts the fleet's spend up to now at the price it had, and takes today's price; saves
     /// the meter at most once a minute (and at `final_save`).
     fn meter_spend(&mut self, now: Instant, final_save: bool) {
+        self.next_meter_at = now + METER_INTERVAL;
         let price = self.pool.hourly_price();
         let waiting = self
             .handle
             .queue_view
             .lock()
-            .map(|q| q.entries.iter().filter(|e| e.instance.is_none()).count())
+            .map(|q| q.waiting)
             .unwrap_or(0);
         if let Ok(mut history) = self.handle.history.lock() {
             history.record(Sample {
@@ -836,10 +850,14 @@ impl Dispatcher {
             };
             let exec: &dyn Exec = &*job.exec;
             let mut booted = !job.needs_boot;
-            let mut reached = false;
+            // When SSH first answered and when the VM was ready, for the boot metrics.
+            let mut reached_at = None;
+            let mut ready_at = None;
             if job.needs_boot {
                 let boot = boot_probe(exec, &boot_command).await;
-                reached = boot.is_ok();
+                if boot.is_ok() {
+                    reached_at = Some(Instant::now());
+                }
                 booted = matches!(boot, Ok(true));
                 // Deploy even when the boot probe failed: a VM already running containers
                 // must still be listable (reference #20235).
@@ -852,22 +870,33 @@ impl Dispatcher {
                             worker: job.worker,
                             started: job.started,
                             report: ProbeReport {
-                                reached,
+                                reached_at,
+                                ready_at: None,
                                 booted,
+                                list_took: Duration::ZERO,
                                 list: Err(e),
                             },
                         };
                     }
                     log::debug!("instance={} runner deploy failed: {e}", job.worker);
                 }
+                if booted {
+                    ready_at = Some(Instant::now());
+                }
             }
+            let list_started = Instant::now();
             let list = remote.list(exec).await;
+            if list.is_ok() && reached_at.is_none() {
+                reached_at = Some(list_started);
+            }
             Event::Probed {
                 worker: job.worker,
                 started: job.started,
                 report: ProbeReport {
-                    reached: reached || list.is_ok(),
+                    reached_at,
+                    ready_at,
                     booted,
+                    list_took: list_started.elapsed(),
                     list,
                 },
             }
@@ -1321,11 +1350,14 @@ impl Dispatcher {
                 sudo,
             };
             let id = c.id.clone();
-            let result = record_result(&remote, &*exec, &*queue, &c, &worker, &dir, cap).await;
+            let into = RecordInto {
+                dir: &dir,
+                max_log_bytes: cap,
+                price_per_hour: price,
+            };
+            let result = record_result(&remote, &*exec, &*queue, &c, &worker, &into).await;
             if let Err(e) = &result {
                 log::warn!("container={id} instance={worker} recording the result failed: {e}");
-            } else if let Some(price) = price {
-                record_cost(&*queue, &id, price);
             }
             Event::Recorded {
                 container: id,
@@ -1445,6 +1477,16 @@ enum RecordError {
     Queue(#[from] QueueError),
 }
 
+/// Where a result goes and what it is recorded with.
+#[derive(Clone, Copy)]
+struct RecordInto<'a> {
+    /// The container's log directory.
+    dir: &'a std::path::Path,
+    max_log_bytes: u64,
+    /// Its VM's price, for its cost.
+    price_per_hour: Option<f64>,
+}
+
 /// Fetches a finished runner's exit status and logs in one streamed command and records the
 /// outcome. The run is forgotten on the VM afterwards (only once the result is safely in the
 /// queue), by the next pass.
@@ -1454,9 +1496,13 @@ async fn record_result(
     queue: &dyn Queue,
     c: &Container,
     worker: &str,
-    dir: &std::path::Path,
-    max_log_bytes: u64,
+    into: &RecordInto<'_>,
 ) -> Result<(), RecordError> {
+    let RecordInto {
+        dir,
+        max_log_bytes,
+        price_per_hour,
+    } = *into;
     let id = &c.id;
     let collected = remote.collect(exec, id, max_log_bytes, dir).await?;
     let exit = collected.exit;
@@ -1476,6 +1522,7 @@ async fn record_result(
                     log_dir: &log_dir,
                     started_at_ms: exit.started_at_ms,
                     finished_at_ms: exit.finished_at_ms,
+                    price_per_hour,
                 },
             )?;
             log::info!(

@@ -56,6 +56,8 @@ pub struct Snapshot<'a> {
 
 pub struct Metrics {
     registry: Registry,
+    /// One scrape at a time: the gauges are cleared and refilled for each.
+    scrape: std::sync::Mutex<()>,
     driver: String,
     /// Config type name → (vCPUs, RAM bytes).
     types: HashMap<String, (u32, u64)>,
@@ -258,6 +260,7 @@ impl Metrics {
         );
         Metrics {
             registry,
+            scrape: std::sync::Mutex::new(()),
             driver: driver.to_string(),
             types: types
                 .iter()
@@ -311,6 +314,8 @@ impl Metrics {
 
     /// The metrics in the Prometheus text format, the gauges taken from `snapshot`.
     pub fn render(&self, snapshot: &Snapshot<'_>) -> String {
+        // A poisoned lock only means another scrape panicked; the gauges are refilled anyway.
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         self.queue_gauges(snapshot.queue, snapshot.now_ms);
         self.fleet_gauges(snapshot.instances, snapshot.now_ms);
         self.spent_today.set(snapshot.spend.spent_today);
@@ -341,15 +346,18 @@ impl Metrics {
         self.over_quota
             .set(waiting_for(&[Waiting::OverQuota, Waiting::OverSpendCap]));
         self.at_quota.set(i64::from(queue.at_quota));
-        self.queue_entries.clear();
+        let mut by_state_and_type: HashMap<(&str, &str), i64> = HashMap::new();
         for e in entries {
             let cheapest = e.instance_types.first().map_or("none", String::as_str);
+            *by_state_and_type
+                .entry((e.state.as_str(), cheapest))
+                .or_default() += 1;
+        }
+        self.queue_entries.clear();
+        for ((state, type_name), n) in by_state_and_type {
             self.queue_entries
-                .get_or_create(&labels(&[
-                    ("state", e.state.as_str()),
-                    ("instance_type", cheapest),
-                ]))
-                .inc();
+                .get_or_create(&labels(&[("state", state), ("instance_type", type_name)]))
+                .set(n);
         }
         let oldest = entries
             .iter()

@@ -138,9 +138,15 @@ async fn login(
     if let Err((status, why)) = permits(&state, form.token.trim(), Need::Read) {
         return (status, Html(login_form(Some(why)).into_string())).into_response();
     }
+    // Behind a TLS-terminating proxy the cookie travels only over TLS.
+    let behind_tls = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|p| p.eq_ignore_ascii_case("https"));
     let cookie = format!(
-        "{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/",
-        hex::encode(form.token.trim())
+        "{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/{}",
+        hex::encode(form.token.trim()),
+        if behind_tls { "; Secure" } else { "" }
     );
     (
         StatusCode::SEE_OTHER,
@@ -231,11 +237,7 @@ fn seconds_since(now_ms: i64, at_ms: i64) -> String {
 
 impl StatusPage {
     fn waiting(&self) -> usize {
-        self.queue
-            .entries
-            .iter()
-            .filter(|e| e.instance.is_none())
-            .count()
+        self.queue.waiting
     }
 
     fn render(&self) -> Markup {
@@ -392,8 +394,21 @@ impl StatusPage {
     }
 }
 
+/// `id` as one URL path segment: a cloud's instance ID is not ours to trust.
+fn path_segment(id: &str) -> String {
+    id.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// The four buttons of one instance; kill asks for a reason.
 fn actions(id: &str) -> Markup {
+    let id = path_segment(id);
     html! {
         @for action in ["hold", "drain", "run"] {
             form.inline method="post" action={ "/ui/instances/" (id) "/" (action) } {
@@ -427,6 +442,12 @@ mod tests {
             format!("{COOKIE}=zz").parse().expect("header"),
         );
         assert_eq!(cookie_token(&headers), None);
+    }
+
+    #[test]
+    fn instance_ids_are_one_path_segment() {
+        assert_eq!(path_segment("i-0abc_1.2~"), "i-0abc_1.2~");
+        assert_eq!(path_segment("../x y/?"), "..%2Fx%20y%2F%3F");
     }
 
     #[test]

@@ -9,6 +9,11 @@ import tempfile
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import (
+    JavascriptException,
+    NoSuchElementException,
+    StaleElementReferenceException,
+)
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
@@ -34,25 +39,46 @@ def browser(user_data_dir):
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
 
 
+# Everything the test compares, read in one script so a reload cannot fall between reads.
+READ_PAGE = """
+const value = (css) => document.querySelector(css).getAttribute("data-value");
+const row = document.querySelector(`tr[data-instance="${arguments[0]}"]`);
+const statuses = {};
+for (const tr of document.querySelectorAll("tr[data-container]")) {
+  statuses[tr.getAttribute("data-container")] = tr.querySelector("td.status").textContent;
+}
+return {
+  hourly_price: parseFloat(value("#hourly-price")),
+  spent_today: parseFloat(value("#spent-today")),
+  instances: parseInt(value("#instance-count")),
+  waiting: parseInt(value("#queue-length")),
+  instance_listed: row !== null,
+  idle_behavior: row ? row.querySelector("td.idle-behavior").textContent : null,
+  chart_lines: document.querySelectorAll("svg#history polyline").length,
+  statuses: statuses,
+};
+"""
+
+# The page reloads itself every few seconds: a read or click that meets a page being replaced
+# is tried again.
+PAGE_CHANGING = (StaleElementReferenceException, NoSuchElementException, JavascriptException)
+
+
 def seen(driver, instance):
     """What the page shows now."""
-    value = lambda css: driver.find_element(By.CSS_SELECTOR, css).get_attribute("data-value")
-    row = driver.find_elements(By.CSS_SELECTOR, f'tr[data-instance="{instance}"]')
-    statuses = {
-        tr.get_attribute("data-container"): tr.find_element(By.CSS_SELECTOR, "td.status").text
-        for tr in driver.find_elements(By.CSS_SELECTOR, "tr[data-container]")
-    }
-    return {
-        "hourly_price": float(value("#hourly-price")),
-        "spent_today": float(value("#spent-today")),
-        "instances": int(value("#instance-count")),
-        "waiting": int(value("#queue-length")),
-        "instance_listed": bool(row),
-        "idle_behavior": row[0].find_element(By.CSS_SELECTOR, "td.idle-behavior").text
-        if row
-        else None,
-        "statuses": statuses,
-    }
+    return WebDriverWait(driver, 30, ignored_exceptions=PAGE_CHANGING).until(
+        lambda d: d.execute_script(READ_PAGE, instance)
+    )
+
+
+def click_drain(driver, instance):
+    css = f'tr[data-instance="{instance}"] button[data-action="drain"]'
+
+    def click(d):
+        d.find_element(By.CSS_SELECTOR, css).click()
+        return True
+
+    WebDriverWait(driver, 30, ignored_exceptions=PAGE_CHANGING).until(click)
 
 
 def main():
@@ -71,14 +97,11 @@ def main():
             driver.find_element(By.CSS_SELECTOR, "form[action='/login'] button").click()
             wait.until(ec.presence_of_element_located((By.ID, "instance-count")))
             before = seen(driver, args.drain)
-            before["chart_lines"] = len(driver.find_elements(By.CSS_SELECTOR, "svg#history polyline"))
-            button = driver.find_element(
-                By.CSS_SELECTOR, f'tr[data-instance="{args.drain}"] button[data-action="drain"]'
-            )
-            button.click()
+            click_drain(driver, args.drain)
             # The post answers with a redirect to the page, which shows the new behaviour.
-            wait.until(
-                lambda d: seen(d, args.drain)["idle_behavior"] in ("drain", None)
+            WebDriverWait(driver, 30, ignored_exceptions=PAGE_CHANGING).until(
+                lambda d: d.execute_script(READ_PAGE, args.drain)["idle_behavior"]
+                in ("drain", None)
             )
             after = seen(driver, args.drain)
         finally:

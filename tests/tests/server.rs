@@ -371,8 +371,13 @@ fn health_fails_when_the_runner_binary_cannot_be_read() {
     let body: serde_json::Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(body["health"], "ERROR");
     let error = body["error"].as_str().unwrap_or_default();
+    assert!(error.contains("runner binary"), "{error}");
     assert!(
-        error.contains("runner binary") && error.contains(&copy.display().to_string()),
-        "{error}"
+        !error.contains(&copy.display().to_string()),
+        "no path to an unauthenticated caller: {error}"
+    );
+    assert!(
+        h.log().contains(&copy.display().to_string()),
+        "the log names the file"
     );
 }

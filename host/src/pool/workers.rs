@@ -112,10 +112,15 @@ pub struct ProbeJob {
 
 /// What a probe found.
 pub struct ProbeReport {
-    /// An SSH session reached the VM (whatever its commands answered).
-    pub reached: bool,
+    /// When an SSH session of this probe first reached the VM (whatever its commands
+    /// answered).
+    pub reached_at: Option<Instant>,
+    /// When the boot probe had passed and the runner was deployed.
+    pub ready_at: Option<Instant>,
     /// The boot probe passed and the runner is deployed.
     pub booted: bool,
+    /// How long `runner list` took.
+    pub list_took: Duration,
     pub list: Result<RunList, RemoteError>,
 }
 
@@ -435,8 +440,11 @@ impl Pool {
         for id in gone {
             log::info!("instance={id} disappeared from the cloud's list; removing it");
             if let Some(w) = self.workers.get_mut(&id) {
-                self.observer
-                    .instance_disappeared(InstanceState::from(&w.status).as_str());
+                // One we were destroying did not disappear: it went.
+                if w.shutdown_requested_at.is_none() {
+                    self.observer
+                        .instance_disappeared(InstanceState::from(&w.status).as_str());
+                }
                 if !w.booted {
                     Self::count_boot(&*self.observer, w, BootOutcome::Disappeared);
                 }
@@ -584,18 +592,19 @@ impl Pool {
         };
         let before = w.fingerprint();
         w.probing = false;
-        if report.reached && w.reached_at.is_none() {
-            w.reached_at = Some(now);
+        if let (Some(at), None) = (report.reached_at, w.reached_at) {
+            w.reached_at = Some(at);
             if w.created_here {
                 self.observer
-                    .time_to_ssh(now.saturating_duration_since(w.appeared_at));
+                    .time_to_ssh(at.saturating_duration_since(w.appeared_at));
             }
         }
         if report.booted && !w.booted {
             if w.created_here && !w.boot_counted {
-                let reached = w.reached_at.unwrap_or(now);
+                let ready = report.ready_at.unwrap_or(now);
+                let reached = w.reached_at.unwrap_or(ready);
                 self.observer
-                    .time_to_ready(now.saturating_duration_since(reached));
+                    .time_to_ready(ready.saturating_duration_since(reached));
             }
             Self::count_boot(&*self.observer, w, BootOutcome::Success);
         }
@@ -603,7 +612,7 @@ impl Pool {
             w.booted = true;
         }
         self.observer
-            .probe_finished(report.list.is_ok(), now.saturating_duration_since(started));
+            .probe_finished(report.list.is_ok(), report.list_took);
         let mut refused = false;
         let effects = match report.list {
             Ok(list) => self.apply_run_list(id, started, list, now),

@@ -209,6 +209,8 @@ pub struct RunResult<'a> {
     /// say, the start the host recorded and the moment of recording stand in.
     pub started_at_ms: Option<i64>,
     pub finished_at_ms: Option<i64>,
+    /// Its VM's hourly price: the cost is recorded with the result, in one transaction.
+    pub price_per_hour: Option<f64>,
 }
 
 /// The queue as the scheduler and the API use it. Implemented by [`SqliteQueue`]; later

@@ -130,6 +130,44 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<Container> {
     })
 }
 
+/// What a finished container that ran on a VM cost at `price_per_hour`, its VM's other runs
+/// sharing it; `None` when it is not final, never ran, or has its cost already. The VM's
+/// times are bounded by the host's (submission, recording): a VM's clock cannot make a run
+/// cost more than the host saw it take.
+fn cost_of(c: &Connection, id: &str, price_per_hour: f64) -> rusqlite::Result<Option<f64>> {
+    type Own = (Option<String>, Option<i64>, Option<i64>, i64, Option<i64>);
+    let own: Option<Own> = c
+        .query_row(
+            "SELECT instance_id, started_at_ms, finished_at_ms, created_at_ms, recorded_at_ms
+             FROM containers
+             WHERE id = ?1 AND state IN ('Complete', 'Cancelled') AND cost IS NULL",
+            params![id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )
+        .optional()?;
+    let Some((Some(instance), Some(start), Some(end), created, recorded)) = own else {
+        return Ok(None);
+    };
+    let start = start.max(created);
+    let end = recorded.map_or(end, |r| end.min(r)).max(start);
+    let mut others = c.prepare_cached(
+        "SELECT started_at_ms, finished_at_ms FROM containers
+         WHERE instance_id = ?1 AND id != ?2 AND started_at_ms IS NOT NULL
+           AND started_at_ms < ?4 AND (finished_at_ms IS NULL OR finished_at_ms > ?3)",
+    )?;
+    let others: Vec<(i64, Option<i64>)> = others
+        .query_map(params![instance, id, start, end], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(Some(crate::cost::container_cost(
+        price_per_hour,
+        start,
+        end,
+        &others,
+    )))
+}
+
 impl SqliteQueue {
     pub fn open(path: &Path, cluster_id: &str) -> Result<Self, QueueError> {
         let db_err = |source| QueueError::Database {
@@ -212,6 +250,8 @@ impl SqliteQueue {
         to: ContainerState,
         set: &str,
         args: &[&dyn rusqlite::ToSql],
+        // Record the cost at this hourly price in the same transaction (a final state).
+        price_per_hour: Option<f64>,
     ) -> Result<(), QueueError> {
         let from_list = from
             .iter()
@@ -225,10 +265,21 @@ impl SqliteQueue {
             if set.is_empty() { "" } else { ", " }
         );
         let changed = self.write(|c, rev| {
+            let tx = c.unchecked_transaction()?;
             let mut all: Vec<&dyn rusqlite::ToSql> = vec![&id];
             all.extend_from_slice(args);
             all.push(&rev);
-            c.execute(&sql, all.as_slice())
+            let changed = tx.execute(&sql, all.as_slice())?;
+            if let (1, Some(price)) = (changed, price_per_hour) {
+                if let Some(cost) = cost_of(&tx, id, price)? {
+                    tx.execute(
+                        "UPDATE containers SET cost = ?2 WHERE id = ?1",
+                        params![id, cost],
+                    )?;
+                }
+            }
+            tx.commit()?;
+            Ok(changed)
         })?;
         if changed == 1 {
             return Ok(());
@@ -396,6 +447,7 @@ impl Queue for SqliteQueue {
             ContainerState::Queued,
             "instance_id = NULL",
             &[],
+            None,
         )
     }
 
@@ -422,7 +474,8 @@ impl Queue for SqliteQueue {
                     ),
                     &now_ms(),
                 ],
-            )?;
+            None,
+        )?;
             return Ok(ContainerState::Cancelled);
         }
         self.transition(
@@ -431,6 +484,7 @@ impl Queue for SqliteQueue {
             ContainerState::Queued,
             "dispatch_attempts = ?2, instance_id = NULL, started_at_ms = NULL",
             &[&attempts],
+            None,
         )?;
         Ok(ContainerState::Queued)
     }
@@ -448,6 +502,7 @@ impl Queue for SqliteQueue {
             ContainerState::Running,
             "instance_id = ?2, started_at_ms = ?3, instance_type = COALESCE(?4, instance_type)",
             &[&instance_id, &now_ms(), &instance_type],
+            None,
         )
     }
 
@@ -471,6 +526,7 @@ impl Queue for SqliteQueue {
                 &result.finished_at_ms,
                 &result.started_at_ms,
             ],
+            result.price_per_hour,
         )
     }
 
@@ -485,40 +541,27 @@ impl Queue for SqliteQueue {
             ContainerState::Cancelled,
             "runtime_error = ?2, finished_at_ms = ?3, recorded_at_ms = ?3",
             &[&reason, &now_ms()],
+            None,
         )
     }
 
     fn record_cost(&self, id: &str, price_per_hour: f64) -> Result<Option<f64>, QueueError> {
-        let cost = self.write(|c, rev| {
-            let own: Option<(Option<String>, Option<i64>, Option<i64>)> = c
-                .query_row(
-                    "SELECT instance_id, started_at_ms, finished_at_ms FROM containers
-                     WHERE id = ?1 AND state IN ('Complete', 'Cancelled') AND cost IS NULL",
-                    params![id],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .optional()?;
-            let Some((Some(instance), Some(start), Some(end))) = own else {
-                return Ok(None);
-            };
-            let mut others = c.prepare_cached(
-                "SELECT started_at_ms, finished_at_ms FROM containers
-                 WHERE instance_id = ?1 AND id != ?2 AND started_at_ms IS NOT NULL
-                   AND started_at_ms < ?4 AND (finished_at_ms IS NULL OR finished_at_ms > ?3)",
-            )?;
-            let others: Vec<(i64, Option<i64>)> = others
-                .query_map(params![instance, id, start, end], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })?
-                .collect::<rusqlite::Result<_>>()?;
-            let cost = crate::cost::container_cost(price_per_hour, start, end, &others);
-            c.execute(
-                "UPDATE containers SET cost = ?2, rev = ?3 WHERE id = ?1",
-                params![id, cost, rev],
-            )?;
-            Ok(Some(cost))
-        })?;
-        Ok(cost)
+        // Read first: a container with nothing to record costs no write (and no revision).
+        if self.with(|c| cost_of(c, id, price_per_hour))?.is_none() {
+            return Ok(None);
+        }
+        self.write(|c, rev| {
+            let tx = c.unchecked_transaction()?;
+            let cost = cost_of(&tx, id, price_per_hour)?;
+            if let Some(cost) = cost {
+                tx.execute(
+                    "UPDATE containers SET cost = ?2, rev = ?3 WHERE id = ?1",
+                    params![id, cost, rev],
+                )?;
+            }
+            tx.commit()?;
+            Ok(cost)
+        })
     }
 
     fn set_priority(&self, id: &str, priority: i64) -> Result<(), QueueError> {
@@ -666,12 +709,32 @@ mod tests {
         run(&a, "i-1", 0, 2 * HOUR);
         run(&b, "i-1", HOUR, 2 * HOUR);
         run(&c, "i-2", 0, 2 * HOUR);
+        // The host saw them submitted before and recorded after those hours (the VM's times
+        // are bounded by the host's).
+        q.with(|conn| {
+            conn.execute(
+                "UPDATE containers SET created_at_ms = ?1, recorded_at_ms = ?2",
+                params![-HOUR, 3 * HOUR],
+            )
+        })
+        .expect("host times");
         let cost = |id: &str| q.record_cost(id, 1.0).expect("cost");
         assert_eq!(cost(&a), Some(1.5));
         assert_eq!(cost(&b), Some(0.5));
         assert_eq!(cost(&c), Some(2.0));
         assert_eq!(cost(&a), None, "recorded once");
         assert_eq!(q.get(&a).expect("get").cost, Some(1.5));
+        // A VM claiming a run far longer than the host saw pays only what the host saw.
+        let liar = submit(&q).id;
+        run(&liar, "i-3", i64::MIN / 2, i64::MAX / 2);
+        q.with(|conn| {
+            conn.execute(
+                "UPDATE containers SET created_at_ms = 0, recorded_at_ms = ?2 WHERE id = ?1",
+                params![liar, HOUR],
+            )
+        })
+        .expect("host times");
+        assert_eq!(cost(&liar), Some(1.0));
         let waiting = submit(&q).id;
         assert_eq!(q.record_cost(&waiting, 1.0).expect("cost"), None);
         assert_eq!(q.get(&waiting).expect("get").cost, None);

@@ -615,7 +615,8 @@ fn map(input: &PlanInput<'_>, actions: &mut Vec<Action>) {
                     .find(|t| !input.at_capacity.contains(&t.provider_type));
                 // At capacity or throttled: wait where it stands, lock unchanged.
                 let Some(t) = available else { continue };
-                if t.price > spend_left {
+                // A hair of tolerance: sums of prices are floating point.
+                if t.price > spend_left + 1e-9 {
                     // The spending cap is a quota in dollars: wait, and free idle VMs.
                     overquota.push(c);
                     continue;

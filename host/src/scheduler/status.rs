@@ -58,7 +58,7 @@ pub fn waiting_reason(c: &Container, p: &Pressure<'_>) -> (Waiting, String) {
             "over quota: waiting for an instance to be freed".into(),
         );
     }
-    if cheapest.price > p.spend_left {
+    if cheapest.price > p.spend_left + 1e-9 {
         return (
             Waiting::OverSpendCap,
             format!(

@@ -28,7 +28,7 @@ pub struct QueueEntry {
 }
 
 /// Every active container: the waiting ones in the order the scheduler serves them, then
-/// those on VMs. `first_seen` gives the Unix milliseconds a container was first seen.
+/// those on VMs, then those the queue says run but no VM has reported yet. `first_seen` gives the Unix milliseconds a container was first seen.
 pub fn queue_view(
     input: &PlanInput<'_>,
     actions: &[Action],
@@ -112,6 +112,13 @@ pub fn queue_view(
         .filter_map(|c| input.runners.get(&c.id).map(|seen| (c, seen)))
         .collect();
     on_vms.sort_by_key(|(c, _)| c.seq);
+    // Running by the queue, but no VM has reported it (yet, or any more): the syncer decides.
+    let mut unreported: Vec<&Container> = input
+        .containers
+        .iter()
+        .filter(|c| c.state == ContainerState::Running && !input.runners.contains_key(&c.id))
+        .collect();
+    unreported.sort_by_key(|c| c.seq);
     for (c, seen) in on_vms {
         let (types, _) = shape_of(c);
         let worker = seen.worker().to_string();
@@ -121,6 +128,12 @@ pub fn queue_view(
             RunnerSeen::Exited { .. } => format!("finished on {worker}; recording its result"),
             RunnerSeen::Stale { .. } => format!("its runner on {worker} died; to be requeued"),
         };
+        entries.push(entry(c, types, (None, status), Some(worker)));
+    }
+    for c in unreported {
+        let (types, _) = shape_of(c);
+        let worker = c.instance_id.clone().unwrap_or_default();
+        let status = format!("running on {worker} (its VM has not reported it since this start)");
         entries.push(entry(c, types, (None, status), Some(worker)));
     }
     entries
