@@ -48,6 +48,17 @@ fn plain_runs_only(list: &mut RunList, what: &str) {
     });
 }
 
+/// What `runner list` printed, from a VM (untrusted): runs with names that are not plain IDs
+/// are dropped.
+pub fn parse_run_list(stdout: &[u8]) -> Result<RunList, RemoteError> {
+    let mut list: RunList = serde_json::from_slice(stdout).map_err(|e| RemoteError::BadOutput {
+        what: "runner list",
+        message: e.to_string(),
+    })?;
+    plain_runs_only(&mut list, "runner list");
+    Ok(list)
+}
+
 impl RemoteError {
     /// The VM refused us or we refused it (host key, our key): a fault to show an operator,
     /// not a VM still booting.
@@ -240,13 +251,7 @@ impl Remote<'_> {
         if !out.success() {
             return Err(failed("runner list", &out));
         }
-        let mut list: RunList =
-            serde_json::from_slice(&out.stdout).map_err(|e| RemoteError::BadOutput {
-                what: "runner list",
-                message: e.to_string(),
-            })?;
-        plain_runs_only(&mut list, "runner list");
-        Ok(list)
+        parse_run_list(&out.stdout)
     }
 
     /// Runs `runner watch` until it ends, passing on each line it sends. Ends with an error
