@@ -14,6 +14,7 @@ use serde::de::{DeserializeOwned, IntoDeserializer, Unexpected};
 use serde::{Deserialize, Deserializer};
 use toml_edit::{ImDocument, Item, TableLike, Value};
 
+use crate::runner::RunAs;
 use crate::toml_lines::line_of;
 
 /// A byte count written as `1073741824`, `"1GiB"`, `"512MiB"`, `"10G"` or `"100M"`.
@@ -220,6 +221,9 @@ pub struct ClusterConfig {
     pub ssh_key: Option<PathBuf>,
     /// A runner already installed on the VM image; unset = deploy this executable (by hash).
     pub runner_path: Option<String>,
+    /// Whom containers without an image run as: `per-run` (a user ID of its own each, the
+    /// default), `runner` (the runner's user: no isolation), or a user name on the VM.
+    pub container_user: RunAs,
     /// The queue's SQLite file; default `<state_dir>/queue.sqlite`.
     pub queue_path: Option<PathBuf>,
     pub timeouts: Timeouts,
@@ -255,6 +259,7 @@ impl Default for ClusterConfig {
             resource_tags: BTreeMap::new(),
             ssh_key: None,
             runner_path: None,
+            container_user: RunAs::PerRun,
             queue_path: None,
             timeouts: Timeouts::default(),
             limits: Limits::default(),
@@ -311,6 +316,7 @@ const CLUSTER_FIELDS: &[&str] = &[
     "resource_tags",
     "ssh_key",
     "runner_path",
+    "container_user",
     "queue_path",
     "timeouts",
     "limits",
@@ -619,6 +625,13 @@ impl Reader<'_> {
         }
         self.set(root, "ssh_key", &mut c.ssh_key);
         self.set(root, "runner_path", &mut c.runner_path);
+        let mut user = String::new();
+        if let Some(line) = self.set(root, "container_user", &mut user) {
+            match parse_container_user(&user) {
+                Ok(run_as) => c.container_user = run_as,
+                Err(why) => self.report(line, "container_user", why),
+            }
+        }
         self.set(root, "queue_path", &mut c.queue_path);
         if let Some(t) = self.table(root, "timeouts") {
             c.timeouts = self.timeouts(&t);
@@ -806,6 +819,29 @@ impl Reader<'_> {
         out.ram = ram?.0;
         out.price = price?.0;
         Some(out)
+    }
+}
+
+/// `per-run`, `runner`, or a user name as `useradd` accepts it.
+fn parse_container_user(text: &str) -> Result<RunAs, String> {
+    match text {
+        "per-run" => Ok(RunAs::PerRun),
+        "runner" => Ok(RunAs::Runner),
+        name if !name.is_empty()
+            && name.len() <= 32
+            && name
+                .bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+            && name.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+            }) =>
+        {
+            Ok(RunAs::User(name.to_string()))
+        }
+        other => Err(format!(
+            "{other:?} is not per-run, runner, or a user name (lowercase letters, digits, _ and -)"
+        )),
     }
 }
 

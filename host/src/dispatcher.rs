@@ -261,6 +261,7 @@ struct Settings {
     max_per_instance: usize,
     max_log_bytes: u64,
     max_hourly_spend: Option<f64>,
+    container_user: crate::runner::RunAs,
     /// Where the spend meter is kept across restarts.
     spend_path: PathBuf,
 }
@@ -372,6 +373,7 @@ impl Dispatcher {
                 max_hourly_spend: (config.limits.max_hourly_spend > 0.0)
                     .then_some(config.limits.max_hourly_spend),
                 spend_path: config.state_dir.join("spend.json"),
+                container_user: config.container_user.clone(),
             },
             queue,
             cloud,
@@ -1278,6 +1280,7 @@ impl Dispatcher {
             env: c.env.clone(),
             working_dir: c.working_dir.clone(),
             image: c.image.clone(),
+            run_as: self.settings.container_user.clone(),
         };
         let binary = self.binary.clone();
         let worker = worker.to_string();

@@ -32,7 +32,7 @@ pub const DEPLOY_DIR: &str = "var/lib/dispatch-cloud/bin";
 
 /// The runner protocol this build speaks (`runner version`). Raised whenever a subcommand or
 /// an output the host relies on changes; the host refuses a runner that speaks another.
-pub const PROTOCOL: u32 = 3;
+pub const PROTOCOL: u32 = 4;
 
 /// What `start` reads on stdin.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -45,7 +45,30 @@ pub struct ContainerSpec {
     pub working_dir: Option<String>,
     #[serde(default)]
     pub image: Option<String>,
+    /// Whom a container without an image runs as.
+    #[serde(default)]
+    pub run_as: RunAs,
 }
+
+/// Whom a container without an image runs as (`container_user` in the cluster config). With
+/// an image, the container runtime's own user mapping applies.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunAs {
+    /// A user ID of its own, unused by anything else on the VM (`per-run`): no container can
+    /// read another's environment, signal it or touch its files. Needs a root runner.
+    PerRun,
+    /// This user, by name, for every container (`nobody`, a service account).
+    User(String),
+    /// The runner's own user (`runner`): no isolation between containers.
+    #[default]
+    Runner,
+}
+
+/// Per-run user IDs are taken from `[PER_RUN_UID_BASE, PER_RUN_UID_BASE + PER_RUN_UIDS)`, far
+/// above the IDs distributions hand out, and reused once a run is forgotten.
+pub const PER_RUN_UID_BASE: u32 = 0x7000_0000;
+const PER_RUN_UIDS: u32 = 65_536;
 
 /// `exit.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -125,6 +148,74 @@ fn vm_root() -> PathBuf {
 
 fn runs_dir() -> PathBuf {
     vm_root().join("var/lib/dispatch-cloud/runs")
+}
+
+/// Where containers without a working directory of their own work, one directory each, owned
+/// by the user they run as; outside the run directories, which only the runner may enter.
+fn work_dir() -> PathBuf {
+    vm_root().join("var/lib/dispatch-cloud/work")
+}
+
+/// A directory only its owner may enter, made so even when it existed (an older runner made
+/// the runs directory 0755).
+fn private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    // Parents as a system makes them (0755): the work directories below them must be
+    // reachable by the containers' users.
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Writes a file only its owner may read.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    f.write_all(bytes)
+}
+
+/// The uid and gid a run gets, chosen under a lock on the runs directory: the lowest per-run
+/// ID that no run directory still records. Written to the run's `uid` file.
+fn allocate_uid(runs: &Path, dir: &Path) -> anyhow::Result<(u32, u32)> {
+    let lock = File::create(runs.join(".uids.lock"))?;
+    lock.lock()?;
+    let mut taken = std::collections::HashSet::new();
+    for entry in std::fs::read_dir(runs)?.flatten() {
+        if let Ok(text) = std::fs::read_to_string(entry.path().join("uid")) {
+            if let Ok(uid) = text.trim().parse::<u32>() {
+                taken.insert(uid);
+            }
+        }
+    }
+    let uid = (PER_RUN_UID_BASE..PER_RUN_UID_BASE + PER_RUN_UIDS)
+        .find(|u| !taken.contains(u))
+        .context("runner start: every per-run user ID is in use")?;
+    write_private(&dir.join("uid"), uid.to_string().as_bytes())?;
+    Ok((uid, uid))
+}
+
+/// A user's uid and gid by name, from the VM's user database.
+fn user_ids(name: &str) -> anyhow::Result<(u32, u32)> {
+    let c_name = std::ffi::CString::new(name).context("container_user: contains a NUL byte")?;
+    // SAFETY: getpwnam returns NULL or a pointer to static storage, read at once; the runner
+    // is single-threaded here.
+    let entry = unsafe { libc::getpwnam(c_name.as_ptr()) };
+    if entry.is_null() {
+        bail!("container_user {name:?}: no such user on this VM");
+    }
+    // SAFETY: checked non-NULL above.
+    let (uid, gid) = unsafe { ((*entry).pw_uid, (*entry).pw_gid) };
+    Ok((uid, gid))
 }
 
 /// Where each `watch` binds a datagram socket that supervisors ping on every change.
@@ -231,9 +322,9 @@ fn start() -> anyhow::Result<i32> {
         bail!("runner start: empty command");
     }
     let runs = runs_dir();
-    std::fs::create_dir_all(&runs)?;
+    private_dir(&runs)?;
     let dir = runs.join(&spec.id);
-    match std::fs::create_dir(&dir) {
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             println!("{} already started", spec.id);
@@ -241,7 +332,10 @@ fn start() -> anyhow::Result<i32> {
         }
         Err(e) => return Err(e).context("runner start: run directory"),
     }
-    std::fs::write(dir.join("spec.json"), input.as_bytes())?;
+    write_private(&dir.join("spec.json"), input.as_bytes())?;
+    if spec.image.is_none() && spec.run_as == RunAs::PerRun {
+        allocate_uid(&runs, &dir)?;
+    }
     // Locked before it gets its name: a visible `lock` that is not held always means the
     // supervisor is gone.
     let lock = File::create(dir.join("lock.new"))?;
@@ -341,17 +435,80 @@ fn build_command(spec: &ContainerSpec) -> anyhow::Result<Command> {
             Ok(cmd)
         }
         None => {
+            let ids = match &spec.run_as {
+                RunAs::Runner => None,
+                RunAs::User(name) => Some(user_ids(name)?),
+                RunAs::PerRun => {
+                    let text = std::fs::read_to_string(runs_dir().join(&spec.id).join("uid"))
+                        .context("runner: the run's user ID")?;
+                    let uid: u32 = text.trim().parse().context("runner: the run's user ID")?;
+                    Some((uid, uid))
+                }
+            };
+            // SAFETY: geteuid has no preconditions.
+            if ids.is_some() && unsafe { libc::geteuid() } != 0 {
+                bail!(
+                    "cannot run the container as another user: the runner is not root (use sudo, or container_user = \"runner\")"
+                );
+            }
             let mut cmd = Command::new(&spec.command[0]);
+            // Nothing of the runner's own environment (an SSH session's, or on loopback the
+            // host's) reaches the container but a plain PATH and the VM root marker.
+            cmd.env_clear().env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            );
+            if let Some(root) = std::env::var_os(VM_ROOT_ENV) {
+                cmd.env(VM_ROOT_ENV, root);
+            }
             cmd.args(&spec.command[1..]).envs(&spec.env);
             let root = vm_root();
             let dir = match &workdir {
                 Some(wd) => root.join(wd.trim_start_matches('/')),
-                None => runs_dir().join(&spec.id),
+                None => {
+                    // Its own directory, entered by it alone.
+                    let own = work_dir().join(&spec.id);
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o755)
+                        .create(work_dir())?;
+                    std::fs::DirBuilder::new()
+                        .mode(0o700)
+                        .create(&own)
+                        .or_else(|e| {
+                            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                                Ok(())
+                            } else {
+                                Err(e)
+                            }
+                        })?;
+                    if let Some((uid, gid)) = ids {
+                        std::os::unix::fs::chown(&own, Some(uid), Some(gid))?;
+                    }
+                    cmd.env("HOME", &own);
+                    own
+                }
             };
+            if let Some((uid, gid)) = ids {
+                // std drops the supplementary groups when a root parent switches users.
+                cmd.uid(uid).gid(gid);
+            }
             cmd.current_dir(dir);
             Ok(cmd)
         }
     }
+}
+
+/// A log file (0600): the container writes it through the descriptor it inherits.
+fn private_file(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
 }
 
 /// The detached supervisor: holds `lock` (close-on-exec, so the container never holds it),
@@ -363,8 +520,8 @@ fn supervise(id: &str, lock: File) -> anyhow::Result<i32> {
     let started_at_ms = now_ms();
     let record = match build_command(&spec).and_then(|mut cmd| {
         cmd.stdin(Stdio::null())
-            .stdout(File::create(dir.join("stdout"))?)
-            .stderr(File::create(dir.join("stderr"))?)
+            .stdout(private_file(&dir.join("stdout"))?)
+            .stderr(private_file(&dir.join("stderr"))?)
             // Its own process group, so a kill reaches everything it started.
             .process_group(0);
         Ok(cmd.spawn()?)
@@ -441,10 +598,7 @@ impl Drop for SocketFile {
 /// Streams a snapshot, then every change, one JSON line each, until the reader goes away.
 fn watch() -> anyhow::Result<i32> {
     let dir = watch_dir();
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)?;
+    private_dir(&dir)?;
     let path = dir.join(format!("{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&path);
     let socket = UnixDatagram::bind(&path)
@@ -724,6 +878,11 @@ fn forget(id: &str) -> anyhow::Result<i32> {
     // Renamed first, in one step: a `list` or `watch` never sees it half-removed.
     let gone = runs_dir().join(format!(".gone-{id}"));
     std::fs::rename(&dir, &gone)?;
+    // Its working directory goes first: its per-run user ID is free once `uid` is gone.
+    match std::fs::remove_dir_all(work_dir().join(id)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        _ => {}
+    }
     std::fs::remove_dir_all(gone)?;
     notify_watchers(id);
     Ok(0)

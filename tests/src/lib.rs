@@ -121,6 +121,13 @@ impl LoopbackCloud {
             .prefix("lbc")
             .tempdir_in("/tmp")
             .expect("temp dir");
+        // A VM's root must be traversable like a real `/`: containers run as users of their
+        // own and enter their working directories below it.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+                .expect("chmod the cloud dir");
+        }
         LoopbackCloud { dir }
     }
 
@@ -536,6 +543,19 @@ impl ServeHarness {
             .prefix("dcs")
             .tempdir_in("/tmp")
             .expect("tmp");
+        // Containers run as users of their own (container_user = per-run) and write marker
+        // files here, like /tmp: anyone may create, nobody may remove another's. `state/`
+        // inside is made 0700 by serve itself.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777))
+                .expect("chmod the test dir");
+            // The file tests' containers append a line to per run (`runs.log`), open to all.
+            let runs = dir.path().join("runs.log");
+            std::fs::write(&runs, b"").expect("runs.log");
+            std::fs::set_permissions(&runs, std::fs::Permissions::from_mode(0o666))
+                .expect("chmod runs.log");
+        }
         let catalogue = opts.catalogue.clone().unwrap_or_else(|| {
             loopback_catalogue_text(&cloud, "zzzzz-zzzzz-servetest000000", &opts.loopback_extra)
         });

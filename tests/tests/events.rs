@@ -271,9 +271,12 @@ fn a_runner_speaking_another_protocol_is_not_used_and_says_why() {
     h.wait_for("the VM's reason", Duration::from_secs(20), || {
         h.client().instances().is_ok_and(|l| {
             l.iter().any(|i| {
-                i.reason
-                    .as_deref()
-                    .is_some_and(|r| r.contains("speaks protocol Some(1); this host needs 3"))
+                i.reason.as_deref().is_some_and(|r| {
+                    r.contains(&format!(
+                        "speaks protocol Some(1); this host needs {}",
+                        dispatch_cloud::runner::PROTOCOL
+                    ))
+                })
             })
         })
     });

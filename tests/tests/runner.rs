@@ -36,6 +36,7 @@ fn start(root: &Path, id: &str, script: &str) {
         env: Default::default(),
         working_dir: None,
         image: None,
+        run_as: Default::default(),
     };
     let out = runner(
         root,
@@ -194,6 +195,7 @@ fn a_start_carries_the_forget_of_finished_runs_and_forget_takes_many() {
         env: Default::default(),
         working_dir: None,
         image: None,
+        run_as: Default::default(),
     };
     let out = runner(
         root.path(),
