@@ -229,6 +229,9 @@ pub async fn serve(
     let queue = Arc::new(SqliteQueue::open(&config.queue_path(), &config.cluster_id)?);
 
     let catalogue = Catalogue::load(plugins_file)?;
+    if let Some(warning) = catalogue.readable_secrets() {
+        log::warn!("{warning}");
+    }
     let entry = catalogue
         .instance_set(&config.instance_set)
         .ok_or_else(|| {

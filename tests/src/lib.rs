@@ -778,6 +778,12 @@ pub struct MotoServer {
 
 impl MotoServer {
     pub fn start() -> Self {
+        Self::start_with_env(&[])
+    }
+
+    /// With extra environment, e.g. `INITIAL_NO_AUTH_ACTION_COUNT`: after that many requests
+    /// moto checks every signature and IAM permission.
+    pub fn start_with_env(env: &[(&str, &str)]) -> Self {
         let program = std::env::var("MOTO_SERVER")
             .map(PathBuf::from)
             .unwrap_or_else(|_| workspace_root().join(".venv/bin/moto_server"));
@@ -789,6 +795,7 @@ impl MotoServer {
         // Port 0: moto binds a free port itself and prints it, so parallel tests never race.
         let mut child = Command::new(&program)
             .args(["-H", "127.0.0.1", "-p", "0"])
+            .envs(env.iter().copied())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -936,6 +943,46 @@ impl Drop for FakeCloud {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The EC2 instance metadata service, IMDSv2 (`tests/fakes/imds.py`).
+pub struct ImdsFake(FakeCloud);
+
+impl std::ops::Deref for ImdsFake {
+    type Target = FakeCloud;
+    fn deref(&self) -> &FakeCloud {
+        &self.0
+    }
+}
+
+impl ImdsFake {
+    pub fn start() -> Self {
+        ImdsFake(FakeCloud::start("imds.py", &[]))
+    }
+
+    /// The role credentials handed out from now on, valid for `expires_in` seconds.
+    pub fn serve_credentials(&self, key: &str, secret: &str, expires_in: f64) {
+        self.control(
+            "credentials",
+            serde_json::json!({
+                "AccessKeyId": key,
+                "SecretAccessKey": secret,
+                "expires_in": expires_in,
+            }),
+        );
+    }
+
+    /// How many times the role's credentials were asked for.
+    pub fn credential_fetches(&self) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| {
+                r["path"]
+                    .as_str()
+                    .is_some_and(|p| p.ends_with("/security-credentials/dispatch-cloud-test-role"))
+            })
+            .count()
     }
 }
 

@@ -3,6 +3,7 @@
 //! key-pair reuse, spot request shape and user data — checked against what moto recorded.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine;
 use dispatch_cloud::plugin::{self, Catalogue, LoadedPlugin};
@@ -255,4 +256,120 @@ fn bad_credentials_and_parameters_are_named() {
         .expect("half the credentials refused");
     assert_eq!(err.kind(), "invalid_config");
     assert!(err.to_string().contains("secret_access_key"), "{err}");
+}
+
+/// IAM keys moto will check signatures against: a user allowed everything, two access keys.
+/// Runs before moto starts checking (its first `INITIAL_NO_AUTH_ACTION_COUNT` requests).
+fn moto_iam_keys(moto: &MotoServer) -> Vec<(String, String)> {
+    let script = r#"
+import json, sys, boto3
+iam = boto3.client("iam", endpoint_url=sys.argv[1], region_name="us-east-1",
+                   aws_access_key_id="setup", aws_secret_access_key="setup")
+iam.create_user(UserName="dispatcher")
+iam.put_user_policy(UserName="dispatcher", PolicyName="all", PolicyDocument=json.dumps(
+    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+keys = [iam.create_access_key(UserName="dispatcher")["AccessKey"] for _ in range(2)]
+print(json.dumps([[k["AccessKeyId"], k["SecretAccessKey"]] for k in keys]))
+"#;
+    let out = std::process::Command::new(workspace_root().join(".venv/bin/python"))
+        .args(["-c", script, &moto.endpoint])
+        .output()
+        .expect("run boto3");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("keys")
+}
+
+fn delete_moto_key(moto: &MotoServer, signed_with: &(String, String), key_id: &str) {
+    let script = r#"
+import sys, boto3
+iam = boto3.client("iam", endpoint_url=sys.argv[1], region_name="us-east-1",
+                   aws_access_key_id=sys.argv[2], aws_secret_access_key=sys.argv[3])
+iam.delete_access_key(UserName="dispatcher", AccessKeyId=sys.argv[4])
+"#;
+    let out = std::process::Command::new(workspace_root().join(".venv/bin/python"))
+        .args([
+            "-c",
+            script,
+            &moto.endpoint,
+            &signed_with.0,
+            &signed_with.1,
+            key_id,
+        ])
+        .output()
+        .expect("run boto3");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// With no keys configured the driver takes the instance role's from IMDSv2, signs with them
+/// (moto checks every signature here), keeps them while they are fresh, and fetches new ones
+/// before they expire.
+#[test]
+fn with_no_keys_the_instance_role_signs_and_is_refreshed_before_expiry() {
+    let moto = MotoServer::start_with_env(&[("INITIAL_NO_AUTH_ACTION_COUNT", "4")]);
+    let keys = moto_iam_keys(&moto);
+    let imds = ImdsFake::start();
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut text = pinned_plugin_entry("aws", &aws_so());
+    for (name, extra) in [
+        ("role", format!("imds_endpoint = \"{}\"", imds.endpoint)),
+        (
+            "wrong",
+            "access_key_id = \"AKIAWRONG\"\nsecret_access_key = \"wrong\"".to_string(),
+        ),
+    ] {
+        text.push_str(&format!(
+            "\n[[instance_sets]]\nname = \"{name}\"\ndriver = \"aws\"\nset_id = \"zzzzz-zzzzz-awsimds{name:0>8}\"\n[instance_sets.parameters]\nregion = \"us-east-1\"\nendpoint = \"{}\"\n{extra}\n",
+            moto.endpoint
+        ));
+    }
+    let c = Catalogue::load(&write_plugins_toml(dir.path(), &text)).expect("catalogue");
+    let loaded = plugin::load(c.plugin("aws").expect("entry")).expect("load");
+
+    // Moto really checks: keys it does not know are refused.
+    let wrong = open(&loaded, &c, "wrong");
+    let refused = wrong
+        .instances(&Tags::new())
+        .err()
+        .expect("unknown keys refused");
+    assert!(!refused.to_string().is_empty());
+
+    // Valid 6 s past the driver's refresh margin (300 s): fresh for the first calls only.
+    imds.serve_credentials(&keys[0].0, &keys[0].1, 306.0);
+    let role = open(&loaded, &c, "role");
+    role.instances(&Tags::new())
+        .expect("signed with the role's keys");
+    role.instances(&Tags::new()).expect("again");
+    assert_eq!(
+        imds.credential_fetches(),
+        1,
+        "fresh keys are kept: {:?}",
+        imds.requests()
+    );
+    let tokens = imds
+        .requests()
+        .iter()
+        .filter(|r| r["path"] == "/latest/api/token" && r["method"] == "PUT")
+        .count();
+    assert_eq!(tokens, 1, "IMDSv2: a session token first");
+
+    // The role's keys rotate; the old ones stop working. Within 6 s the driver's copy is
+    // inside its refresh margin and it fetches the new ones.
+    imds.serve_credentials(&keys[1].0, &keys[1].1, 3600.0);
+    delete_moto_key(&moto, &keys[1], &keys[0].0);
+    eventually(
+        "a call signed with the new keys",
+        Duration::from_secs(30),
+        || role.instances(&Tags::new()).is_ok() && imds.credential_fetches() >= 2,
+    );
+
+    // No role at all: the set is refused, saying why.
+    let dead = ImdsFake::start();
+    let text = text.replace(&imds.endpoint, &dead.endpoint);
+    let c = Catalogue::load(&write_plugins_toml(dir.path(), &text)).expect("catalogue");
+    let err = loaded
+        .new_instance_set(c.instance_set("role").expect("set"), &Tags::new())
+        .err()
+        .expect("no credentials anywhere");
+    assert_eq!(err.kind(), "invalid_config");
+    assert!(err.to_string().contains("instance role"), "{err}");
 }

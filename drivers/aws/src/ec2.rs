@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use aws_credential_types::Credentials;
+use crate::credentials::CredentialSource;
 use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
 use aws_sigv4::sign::v4;
 use serde::Deserialize;
@@ -73,7 +73,7 @@ pub fn parse_error(status: u16, body: &str) -> ApiError {
 pub struct Ec2Client {
     endpoint: String,
     region: String,
-    credentials: Credentials,
+    credentials: CredentialSource,
     http: reqwest::blocking::Client,
 }
 
@@ -94,7 +94,7 @@ impl Ec2Client {
     pub fn new(
         endpoint: &str,
         region: &str,
-        credentials: Credentials,
+        credentials: CredentialSource,
         timeout: Duration,
     ) -> Result<Self, String> {
         let http = reqwest::blocking::Client::builder()
@@ -124,7 +124,11 @@ impl Ec2Client {
             body.push_str(&encode(v));
         }
         let content_type = "application/x-www-form-urlencoded; charset=utf-8";
-        let identity = self.credentials.clone().into();
+        let identity = self
+            .credentials
+            .current()
+            .map_err(|e| transport(format!("credentials: {e}")))?
+            .into();
         let signing_params = v4::SigningParams::builder()
             .identity(&identity)
             .region(&self.region)

@@ -2,6 +2,7 @@
 //! `aws-sigv4`, XML parsed with quick-xml. About eight actions are all a dispatcher needs, so
 //! it does without the 32 MB `aws-sdk-ec2`.
 
+pub mod credentials;
 pub mod ec2;
 pub mod errors;
 mod time;
@@ -20,6 +21,7 @@ use driver_abi::{
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::credentials::{CredentialSource, Imds};
 use crate::ec2::{ApiError, Ec2Client};
 use crate::errors::{classify, is_subnet_specific, Backoff};
 
@@ -57,10 +59,13 @@ struct Params {
     /// Override for other partitions, VPC endpoints and emulators.
     endpoint: Option<String>,
     /// Static credentials; without them `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` /
-    /// `AWS_SESSION_TOKEN` from the environment.
+    /// `AWS_SESSION_TOKEN` from the environment; without those, the instance role's from
+    /// IMDSv2 at `imds_endpoint`.
     access_key_id: Option<String>,
     secret_access_key: Option<String>,
     session_token: Option<String>,
+    /// Where IMDS answers (a test serves a fake on 127.0.0.1).
+    imds_endpoint: Option<String>,
     /// Tried in turn on subnet-specific errors; the one that worked is used first next time.
     #[serde(default)]
     subnet_ids: Vec<String>,
@@ -105,14 +110,36 @@ impl Driver for AwsDriver {
             }
         }
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let (key, secret, token) = match (&p.access_key_id, &p.secret_access_key) {
-            (Some(k), Some(s)) => (k.clone(), s.clone(), p.session_token.clone()),
+        let credentials = match (&p.access_key_id, &p.secret_access_key) {
+            (Some(k), Some(s)) => CredentialSource::Static(Credentials::new(
+                k.clone(),
+                s.clone(),
+                p.session_token.clone(),
+                None,
+                "dispatch-cloud",
+            )),
             (None, None) => match (env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY")) {
-                (Some(k), Some(s)) => (k, s, env("AWS_SESSION_TOKEN")),
+                (Some(k), Some(s)) => CredentialSource::Static(Credentials::new(
+                    k,
+                    s,
+                    env("AWS_SESSION_TOKEN"),
+                    None,
+                    "environment",
+                )),
                 _ => {
-                    return Err(DriverError::invalid_config(
-                        "access_key_id / secret_access_key: not given, and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY are not set",
-                    ))
+                    let endpoint = p
+                        .imds_endpoint
+                        .as_deref()
+                        .unwrap_or(credentials::DEFAULT_IMDS_ENDPOINT);
+                    let imds = Imds::new(endpoint).map_err(DriverError::invalid_config)?;
+                    let source = CredentialSource::Imds(imds);
+                    // Asked now, so a host without a role fails at start, saying why.
+                    source.current().map_err(|e| {
+                        DriverError::invalid_config(format!(
+                            "access_key_id / secret_access_key: not given, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY are not set, and the instance role gave none ({e})"
+                        ))
+                    })?;
+                    source
                 }
             },
             _ => {
@@ -128,7 +155,7 @@ impl Driver for AwsDriver {
         let client = Ec2Client::new(
             &endpoint,
             &p.region,
-            Credentials::new(key, secret, token, None, "dispatch-cloud"),
+            credentials,
             Duration::from_secs(p.request_timeout_seconds),
         )
         .map_err(DriverError::other)?;

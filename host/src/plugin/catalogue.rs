@@ -234,12 +234,71 @@ impl Catalogue {
         })
     }
 
+    /// Parameter keys that hold secrets, in any instance set (`secret_access_key`,
+    /// `client_secret`, …), when the file is readable by group or others: a warning to give.
+    pub fn readable_secrets(&self) -> Option<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&self.file).ok()?.permissions().mode();
+        if mode & 0o044 == 0 {
+            return None;
+        }
+        let secret = |k: &str| {
+            let k = k.to_ascii_lowercase();
+            ["secret", "password", "token", "private_key"]
+                .iter()
+                .any(|word| k.contains(word))
+        };
+        let keys: Vec<String> = self
+            .instance_sets
+            .iter()
+            .flat_map(|set| {
+                set.parameters
+                    .as_object()
+                    .into_iter()
+                    .flat_map(|o| o.keys())
+                    .filter(|k| secret(k))
+                    .map(move |k| format!("{}.{k}", set.name))
+            })
+            .collect();
+        (!keys.is_empty()).then(|| {
+            format!(
+                "{} holds secrets ({}) and is readable by others (mode {:o}): chmod 600 it, or let the driver take credentials from the environment or the instance's role",
+                self.file.display(),
+                keys.join(", "),
+                mode & 0o777
+            )
+        })
+    }
+
     pub fn plugin(&self, name: &str) -> Option<&PluginEntry> {
         self.plugins.iter().find(|p| p.name == name)
     }
 
     pub fn instance_set(&self, name: &str) -> Option<&InstanceSetEntry> {
         self.instance_sets.iter().find(|s| s.name == name)
+    }
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use super::*;
+
+    #[test]
+    fn secrets_in_a_file_others_can_read_are_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("plugins.toml");
+        std::fs::write(
+            &file,
+            "[[plugins]]\nname = \"aws\"\npath = \"/x.so\"\n[[instance_sets]]\nname = \"prod\"\ndriver = \"aws\"\nset_id = \"zzzzz-zzzzz-000000000000000\"\n[instance_sets.parameters]\nregion = \"x\"\nsecret_access_key = \"s\"\n",
+        )
+        .expect("write");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let c = Catalogue::load(&file).expect("load");
+        let warning = c.readable_secrets().expect("a warning");
+        assert!(warning.contains("prod.secret_access_key"), "{warning}");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert_eq!(c.readable_secrets(), None);
     }
 }
 

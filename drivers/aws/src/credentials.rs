@@ -1,0 +1,199 @@
+//! Where the EC2 client's credentials come from: keys given (parameters or environment), or,
+//! with none, the instance role through IMDSv2, refreshed before they expire, so no
+//! long-lived key needs to sit on the host's disk.
+
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use aws_credential_types::Credentials;
+use serde::Deserialize;
+
+use crate::time::parse_rfc3339;
+
+/// Role credentials are fetched again when this little of their life is left.
+pub const REFRESH_BEFORE_EXPIRY: Duration = Duration::from_secs(300);
+/// IMDS answers on the link-local address of every EC2 instance.
+pub const DEFAULT_IMDS_ENDPOINT: &str = "http://169.254.169.254";
+/// IMDS is local: an answer slower than this means there is none.
+const IMDS_TIMEOUT: Duration = Duration::from_secs(2);
+/// The session token's life asked for (the longest IMDSv2 allows).
+const TOKEN_TTL_SECONDS: &str = "21600";
+
+pub enum CredentialSource {
+    Static(Credentials),
+    Imds(Imds),
+}
+
+impl CredentialSource {
+    /// Credentials to sign with now.
+    pub fn current(&self) -> Result<Credentials, String> {
+        match self {
+            CredentialSource::Static(c) => Ok(c.clone()),
+            CredentialSource::Imds(imds) => imds.current(),
+        }
+    }
+}
+
+/// The instance metadata service, IMDSv2 (a session token first, then the role's keys).
+pub struct Imds {
+    endpoint: String,
+    http: reqwest::blocking::Client,
+    cached: Mutex<Option<(Credentials, SystemTime)>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RoleCredentials {
+    code: String,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    token: Option<String>,
+    expiration: Option<String>,
+    message: Option<String>,
+}
+
+impl Imds {
+    /// Only plain HTTP to IMDS's link-local address, or to a loopback one (a test's fake):
+    /// whatever answers gets to hand us keys.
+    pub fn new(endpoint: &str) -> Result<Self, String> {
+        let endpoint = endpoint.trim_end_matches('/');
+        let host = endpoint
+            .strip_prefix("http://")
+            .ok_or("imds_endpoint: must be http:// (IMDS speaks plain HTTP)")?;
+        let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+        let allowed = host == "169.254.169.254"
+            || host == "[fd00:ec2::254]"
+            || host == "localhost"
+            || host
+                .parse::<std::net::Ipv4Addr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if !allowed {
+            return Err(format!(
+                "imds_endpoint: {endpoint} is neither IMDS (169.254.169.254, fd00:ec2::254) nor a loopback address"
+            ));
+        }
+        let http = reqwest::blocking::Client::builder()
+            .timeout(IMDS_TIMEOUT)
+            // A proxy from the environment must not see the keys.
+            .no_proxy()
+            .build()
+            .map_err(|e| format!("IMDS client: {e}"))?;
+        Ok(Imds {
+            endpoint: endpoint.to_string(),
+            http,
+            cached: Mutex::new(None),
+        })
+    }
+
+    fn current(&self) -> Result<Credentials, String> {
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        let now = SystemTime::now();
+        if let Some((creds, expires)) = cached.as_ref() {
+            if expires
+                .duration_since(now)
+                .is_ok_and(|left| left > REFRESH_BEFORE_EXPIRY)
+            {
+                return Ok(creds.clone());
+            }
+        }
+        match self.fetch() {
+            Ok((creds, expires)) => {
+                log::info!("Instance role credentials refreshed; they expire at {expires:?}");
+                *cached = Some((creds.clone(), expires));
+                Ok(creds)
+            }
+            // Keys that have not expired yet still sign; the next call tries IMDS again.
+            Err(e) => match cached.as_ref() {
+                Some((creds, expires)) if *expires > now => {
+                    log::warn!("Refreshing instance role credentials failed ({e}); using the current ones until they expire");
+                    Ok(creds.clone())
+                }
+                _ => Err(e),
+            },
+        }
+    }
+
+    fn fetch(&self) -> Result<(Credentials, SystemTime), String> {
+        let fail = |what: &str, e: &dyn std::fmt::Display| format!("IMDS {what}: {e}");
+        let token = self
+            .http
+            .put(format!("{}/latest/api/token", self.endpoint))
+            .header("X-aws-ec2-metadata-token-ttl-seconds", TOKEN_TTL_SECONDS)
+            .send()
+            .and_then(|r| r.error_for_status())
+            .and_then(|r| r.text())
+            .map_err(|e| fail("session token", &e))?;
+        let get = |path: &str| {
+            self.http
+                .get(format!(
+                    "{}/latest/meta-data/iam/security-credentials/{path}",
+                    self.endpoint
+                ))
+                .header("X-aws-ec2-metadata-token", token.trim())
+                .send()
+                .and_then(|r| r.error_for_status())
+                .and_then(|r| r.text())
+        };
+        let roles = get("").map_err(|e| fail("role (is an instance profile attached?)", &e))?;
+        let role = roles
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .ok_or("IMDS: no instance role (attach an instance profile)")?;
+        if role.contains('/') || role.contains("..") {
+            return Err(format!("IMDS: odd role name {role:?}"));
+        }
+        let body = get(role).map_err(|e| fail("role credentials", &e))?;
+        let r: RoleCredentials =
+            serde_json::from_str(&body).map_err(|e| fail("role credentials", &e))?;
+        if r.code != "Success" {
+            return Err(format!(
+                "IMDS role credentials: {} {}",
+                r.code,
+                r.message.unwrap_or_default()
+            ));
+        }
+        let (Some(key), Some(secret), Some(expiration)) =
+            (r.access_key_id, r.secret_access_key, r.expiration)
+        else {
+            return Err("IMDS role credentials: keys or expiration missing".into());
+        };
+        let expires = parse_rfc3339(&expiration)
+            .ok_or_else(|| format!("IMDS role credentials: expiration {expiration:?}"))?;
+        Ok((
+            Credentials::new(
+                key,
+                secret,
+                r.token.filter(|t| !t.is_empty()),
+                Some(expires),
+                "imds",
+            ),
+            expires,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_imds_or_loopback_gets_to_hand_out_keys() {
+        for ok in [
+            "http://169.254.169.254",
+            "http://169.254.169.254/",
+            "http://127.0.0.1:8080",
+            "http://localhost:9",
+        ] {
+            assert!(Imds::new(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "https://169.254.169.254",
+            "http://evil.example",
+            "http://10.0.0.1:80",
+            "169.254.169.254",
+        ] {
+            assert!(Imds::new(bad).is_err(), "{bad}");
+        }
+    }
+}
