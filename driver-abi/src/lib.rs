@@ -77,8 +77,10 @@ pub trait Driver: 'static {
 
 /// The VMs of one instance set. All methods may be called concurrently.
 pub trait InstanceSet: Send + Sync {
-    /// Boots a VM. The VM carries `request.tags` (which include the set ID) and runs
-    /// `request.init_command` at boot.
+    /// Boots a VM. The VM carries `request.tags` plus the set ID, which the driver adds in
+    /// its own way (a tag, a label, a name prefix: the host does not put it in the tags), and
+    /// runs `request.init_command` at boot. With `request.public_key`, the remote user must
+    /// accept that key for SSH once the VM has booted.
     fn create(&self, request: &CreateRequest) -> Result<Box<dyn Instance>, DriverError>;
     /// VMs of this set carrying every tag in `tag_filter` (all of the set's VMs for an empty
     /// filter). May include VMs that are still booting or shutting down.
@@ -120,7 +122,9 @@ pub struct HostServices {
 }
 
 impl HostServices {
-    pub(crate) fn new(driver_name: &'static str) -> Self {
+    /// What the host hands a driver named `driver_name`; public so a driver's own unit tests
+    /// can call `new_instance_set` without a host.
+    pub fn new(driver_name: &'static str) -> Self {
         HostServices { driver_name }
     }
 

@@ -92,7 +92,10 @@ pub struct CreateRequest {
     pub tags: Tags,
     /// Shell script to run once at boot (as root on a real VM); under 1 KiB.
     pub init_command: String,
-    /// OpenSSH public key to authorize for the remote user, when the host deploys one.
+    /// OpenSSH public key (`ssh-ed25519 AAAA… comment`) of the host's own SSH key. When it is
+    /// `Some`, the driver must make the VM's remote user accept it (an `authorized_keys`
+    /// line through user data, the cloud's key-pair or SSH-key metadata); the host logs in
+    /// with nothing else. It is public: no secret travels in it.
     pub public_key: Option<String>,
 }
 

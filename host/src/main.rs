@@ -227,6 +227,10 @@ enum Command {
         /// One JSON array of {name, driver, driver_version, abi_version, path, sha256}.
         #[arg(long)]
         json: bool,
+        /// Also open every instance set with its parameters (credentials and all), so what
+        /// the driver refuses is found before `serve`; exit 1 if any is refused.
+        #[arg(long)]
+        check: bool,
     },
     /// Run the driver conformance checks against one instance set.
     DriverTest {
@@ -253,6 +257,10 @@ enum Command {
         /// Skip the SSH steps (for API-only emulators).
         #[arg(long)]
         skip_ssh: bool,
+        /// Log in to the test VM with this OpenSSH private key instead of a throwaway one
+        /// (for images that only accept a known key).
+        #[arg(long)]
+        ssh_key: Option<PathBuf>,
     },
     /// The worker side, run on VMs by the dispatcher.
     #[command(hide = true)]
@@ -414,7 +422,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { config } => check_config(config),
-        Command::Plugins { plugins, json } => list_plugins(&plugins, json),
+        Command::Plugins {
+            plugins,
+            json,
+            check,
+        } => list_plugins(&plugins, json, check),
         Command::DriverTest {
             plugins,
             instance_set,
@@ -425,6 +437,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             boot_probe,
             boot_timeout_seconds,
             skip_ssh,
+            ssh_key,
         } => {
             let options = conformance::Options {
                 instance_type,
@@ -436,7 +449,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 skip_ssh,
                 ..Default::default()
             };
-            driver_test(&plugins, &instance_set, &options)
+            driver_test(&plugins, &instance_set, &options, ssh_key.as_deref())
         }
         Command::Runner { .. } => bail!("runner is handled before argument parsing"),
     }
@@ -697,16 +710,47 @@ fn serve(config: ClusterConfig, plugins: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn list_plugins(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
+fn list_plugins(file: &Path, json: bool, check: bool) -> anyhow::Result<ExitCode> {
     let catalogue = Catalogue::load(file)?;
+    if let Some(warning) = catalogue.readable_secrets() {
+        eprintln!("warning: {warning}");
+    }
     let mut refused = 0;
     let mut views = Vec::new();
+    let mut loaded = Vec::new();
     for result in plugin::load_all(&catalogue) {
         match result {
-            Ok(p) => views.push(p.view()),
+            Ok(p) => {
+                views.push(p.view());
+                loaded.push(p);
+            }
             Err(e) => {
                 refused += 1;
                 eprintln!("error: {e}");
+            }
+        }
+    }
+    if check {
+        // Opening a set is what `serve` does first: parameters, credentials, the cloud's
+        // first answer. A set whose plugin did not load was reported above.
+        for set in &catalogue.instance_sets {
+            let Some(p) = loaded.iter().find(|p| p.name == set.driver) else {
+                continue;
+            };
+            match p.new_instance_set(set, &Default::default()) {
+                Ok(opened) => {
+                    opened.stop();
+                    eprintln!("instance set {}: OK", set.name);
+                }
+                Err(e) => {
+                    refused += 1;
+                    eprintln!(
+                        "error: {}: instance set {} ({}): {e}",
+                        file.display(),
+                        set.name,
+                        set.driver
+                    );
+                }
             }
         }
     }
@@ -735,6 +779,7 @@ fn driver_test(
     file: &Path,
     set_name: &str,
     options: &conformance::Options,
+    ssh_key: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
     let catalogue = Catalogue::load(file)?;
     let entry = catalogue
@@ -745,7 +790,11 @@ fn driver_test(
         .plugin(&entry.driver)
         .ok_or_else(|| anyhow!("{}: no plugin named {:?}", file.display(), entry.driver))?;
     let loaded = plugin::load(plugin_entry)?;
-    let key = Arc::new(dispatch_cloud::ssh::generate_key().context("generating an SSH key")?);
+    let key = Arc::new(match ssh_key {
+        Some(path) => russh::keys::PrivateKey::read_openssh_file(path)
+            .with_context(|| format!("--ssh-key {}", path.display()))?,
+        None => dispatch_cloud::ssh::generate_key().context("generating an SSH key")?,
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -2,6 +2,8 @@
 //! (the `dispatch-cloud` binary, the driver `.so` files, the `loopback-cloud` daemon), so run
 //! them through the README's test command, which builds first.
 
+pub mod chaos;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -16,11 +18,13 @@ use driver_abi::InstanceSet;
 /// `target/debug` (or whichever profile built this test).
 pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test-binary>
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps")
-        .to_path_buf()
+    // target/<profile>/deps/<test-binary>, or target/<profile>/<bin> for the chaos command.
+    let dir = exe.parent().expect("an executable lives in a directory");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().unwrap_or(dir).to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 pub fn workspace_root() -> PathBuf {

@@ -429,3 +429,29 @@ fn plugins_json_lists_every_driver_of_the_workspace() {
         .collect();
     assert_eq!(drivers, ["loopback", "aws", "gce", "azure"], "{listed}");
 }
+
+/// `plugins` only loads the libraries; `plugins --check` also opens every instance set with
+/// its parameters, so a typo is found before `serve`, naming the file, the set and the key.
+#[test]
+fn plugins_check_opens_every_set_and_names_bad_parameters() {
+    let cloud = LoopbackCloud::new();
+    let file = write_plugins_toml(
+        cloud.state_dir(),
+        &loopback_catalogue_text(
+            &cloud,
+            "zzzzz-zzzzz-checkparams0000",
+            "idel_exit_seconds = 5",
+        ),
+    );
+    let file = file.to_str().expect("utf8");
+    let plain = cli(&["plugins", "--plugins", file]);
+    assert!(plain.status.success(), "{}", text(&plain.stderr));
+    let checked = cli(&["plugins", "--check", "--plugins", file]);
+    let stderr = text(&checked.stderr);
+    assert_eq!(checked.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("instance set test") && stderr.contains("idel_exit_seconds"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(file), "names the file: {stderr}");
+}
