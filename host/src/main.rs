@@ -791,8 +791,17 @@ fn driver_test(
         .ok_or_else(|| anyhow!("{}: no plugin named {:?}", file.display(), entry.driver))?;
     let loaded = plugin::load(plugin_entry)?;
     let key = Arc::new(match ssh_key {
-        Some(path) => russh::keys::PrivateKey::read_openssh_file(path)
-            .with_context(|| format!("--ssh-key {}", path.display()))?,
+        Some(path) => {
+            let key = russh::keys::PrivateKey::read_openssh_file(path)
+                .with_context(|| format!("--ssh-key {}", path.display()))?;
+            if key.is_encrypted() {
+                bail!(
+                    "--ssh-key {}: the key is passphrase-protected; give an unencrypted copy",
+                    path.display()
+                );
+            }
+            key
+        }
         None => dispatch_cloud::ssh::generate_key().context("generating an SSH key")?,
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -26,7 +26,9 @@ use serde::{Deserialize, Serialize};
 /// Where `${DISPATCH_CLOUD_VM_ROOT}` points (loopback); unset on a real VM.
 pub const VM_ROOT_ENV: &str = "DISPATCH_CLOUD_VM_ROOT";
 /// The broken-node flag, relative to the VM root.
-pub const BROKEN_FLAG: &str = "var/lock/dispatch-cloud-runner-broken";
+/// Under a root-only directory: a container (its own user, `/var/lock` is world-writable)
+/// must not be able to take its VM out of service.
+pub const BROKEN_FLAG: &str = "var/lib/dispatch-cloud/broken";
 /// Where the host deploys its executable, relative to the VM root.
 pub const DEPLOY_DIR: &str = "var/lib/dispatch-cloud/bin";
 
@@ -45,8 +47,8 @@ pub struct ContainerSpec {
     pub working_dir: Option<String>,
     #[serde(default)]
     pub image: Option<String>,
-    /// Whom a container without an image runs as.
-    #[serde(default)]
+    /// Whom a container without an image runs as. Required: a spec that does not say is not
+    /// run as anyone by default.
     pub run_as: RunAs,
 }
 
@@ -184,11 +186,19 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.write_all(bytes)
 }
 
-/// The uid and gid a run gets, chosen under a lock on the runs directory: the lowest per-run
-/// ID that no run directory still records. Written to the run's `uid` file.
-fn allocate_uid(runs: &Path, dir: &Path) -> anyhow::Result<(u32, u32)> {
+/// Holds `.uids.lock` in the runs directory: allocating a run's user ID and forgetting a run
+/// (which frees one) never interleave.
+fn uid_lock(runs: &Path) -> std::io::Result<File> {
     let lock = File::create(runs.join(".uids.lock"))?;
     lock.lock()?;
+    Ok(lock)
+}
+
+/// The uid and gid a run gets: the next per-run ID after the last one handed out (kept in
+/// `.next-uid`), skipping any a run directory still records. IDs move forward and wrap only
+/// after the whole range, so an ID is not handed out again soon after its run was forgotten.
+fn allocate_uid(runs: &Path, dir: &Path) -> anyhow::Result<(u32, u32)> {
+    let _lock = uid_lock(runs)?;
     let mut taken = std::collections::HashSet::new();
     for entry in std::fs::read_dir(runs)?.flatten() {
         if let Ok(text) = std::fs::read_to_string(entry.path().join("uid")) {
@@ -197,11 +207,79 @@ fn allocate_uid(runs: &Path, dir: &Path) -> anyhow::Result<(u32, u32)> {
             }
         }
     }
-    let uid = (PER_RUN_UID_BASE..PER_RUN_UID_BASE + PER_RUN_UIDS)
-        .find(|u| !taken.contains(u))
+    let counter = runs.join(".next-uid");
+    let next: u32 = std::fs::read_to_string(&counter)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or_else(first_slot);
+    let slot = (0..PER_RUN_UIDS)
+        .map(|i| (next.wrapping_add(i)) % PER_RUN_UIDS)
+        .find(|s| !taken.contains(&(PER_RUN_UID_BASE + s)))
         .context("runner start: every per-run user ID is in use")?;
+    let uid = PER_RUN_UID_BASE + slot;
+    write_atomically(&counter, ((slot + 1) % PER_RUN_UIDS).to_string().as_bytes())?;
     write_private(&dir.join("uid"), uid.to_string().as_bytes())?;
     Ok((uid, uid))
+}
+
+/// Where a VM's counter starts: 0 on a real VM; on loopback VMs, which share one kernel,
+/// somewhere of their own, so their runs rarely meet the same ID.
+fn first_slot() -> u32 {
+    use std::hash::{Hash, Hasher};
+    std::env::var_os(VM_ROOT_ENV).map_or(0, |root| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        root.hash(&mut h);
+        (h.finish() % u64::from(PER_RUN_UIDS)) as u32
+    })
+}
+
+/// Ends every process still running as `uid` (a run's background children outlive it), so
+/// the ID is free when its run is forgotten. Loopback VMs share one kernel: there, only the
+/// processes of this VM (its root in their environment) are this VM's to end.
+fn kill_uid(uid: u32) {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let this_vm = std::env::var_os(VM_ROOT_ENV).map(|root| {
+        let mut marker = format!("{VM_ROOT_ENV}=").into_bytes();
+        marker.extend_from_slice(std::os::unix::ffi::OsStrExt::as_bytes(root.as_os_str()));
+        marker
+    });
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let real_uid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u32>().ok());
+        if real_uid != Some(uid) {
+            continue;
+        }
+        if let Some(marker) = &this_vm {
+            let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+            if !environ
+                .split(|b| *b == 0)
+                .any(|var| var == marker.as_slice())
+            {
+                continue;
+            }
+        }
+        {
+            // SAFETY: kill has no memory preconditions; the process may already be gone.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
 }
 
 /// A user's uid and gid by name, from the VM's user database.
@@ -428,8 +506,10 @@ fn build_command(spec: &ContainerSpec) -> anyhow::Result<Command> {
             if let Some(wd) = &workdir {
                 cmd.args(["--workdir", wd]);
             }
+            // Values go through the engine's environment, not its command line, which every
+            // user of the VM can read in /proc.
             for (k, v) in &spec.env {
-                cmd.arg("--env").arg(format!("{k}={v}"));
+                cmd.arg("--env").arg(k).env(k, v);
             }
             cmd.arg(image).args(&spec.command);
             Ok(cmd)
@@ -463,31 +543,27 @@ fn build_command(spec: &ContainerSpec) -> anyhow::Result<Command> {
             }
             cmd.args(&spec.command[1..]).envs(&spec.env);
             let root = vm_root();
+            // Its own directory, entered by it alone, and its HOME even when it works
+            // elsewhere. `work/` itself can be crossed but not listed.
+            let own = work_dir().join(&spec.id);
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .create(work_dir())?;
+            std::fs::set_permissions(
+                work_dir(),
+                std::os::unix::fs::PermissionsExt::from_mode(0o711),
+            )?;
+            match std::fs::DirBuilder::new().mode(0o700).create(&own) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e.into()),
+                _ => {}
+            }
+            if let Some((uid, gid)) = ids {
+                std::os::unix::fs::chown(&own, Some(uid), Some(gid))?;
+            }
+            cmd.env("HOME", &own);
             let dir = match &workdir {
                 Some(wd) => root.join(wd.trim_start_matches('/')),
-                None => {
-                    // Its own directory, entered by it alone.
-                    let own = work_dir().join(&spec.id);
-                    std::fs::DirBuilder::new()
-                        .recursive(true)
-                        .mode(0o755)
-                        .create(work_dir())?;
-                    std::fs::DirBuilder::new()
-                        .mode(0o700)
-                        .create(&own)
-                        .or_else(|e| {
-                            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                                Ok(())
-                            } else {
-                                Err(e)
-                            }
-                        })?;
-                    if let Some((uid, gid)) = ids {
-                        std::os::unix::fs::chown(&own, Some(uid), Some(gid))?;
-                    }
-                    cmd.env("HOME", &own);
-                    own
-                }
+                None => own,
             };
             if let Some((uid, gid)) = ids {
                 // std drops the supplementary groups when a root parent switches users.
@@ -874,6 +950,16 @@ fn forget(id: &str) -> anyhow::Result<i32> {
         None => return Ok(0),
         Some(e) if e.state == RunState::Running => bail!("runner forget: {id} is still running"),
         Some(_) => {}
+    }
+    // Its user ID is freed below: nothing may still run as it, and no start may take it
+    // meanwhile.
+    let _lock = uid_lock(&runs_dir())?;
+    let uid = std::fs::read_to_string(dir.join("uid"))
+        .ok()
+        .and_then(|t| t.trim().parse::<u32>().ok())
+        .filter(|u| *u >= PER_RUN_UID_BASE);
+    if let Some(uid) = uid {
+        kill_uid(uid);
     }
     // Renamed first, in one step: a `list` or `watch` never sees it half-removed.
     let gone = runs_dir().join(format!(".gone-{id}"));

@@ -27,6 +27,7 @@ const CONFIG_KEYS: &[&str] = &[
     "runner_path",
     "queue_path",
     "ssh_key",
+    "container_user",
     "nonsense",
 ];
 const TABLE_KEYS: &[(&str, &[&str])] = &[
@@ -194,7 +195,12 @@ fn json_value(depth: u32) -> BoxedStrategy<serde_json::Value> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+    // A failure prints its minimal input; nothing is written into the source tree.
+    #![proptest_config(ProptestConfig {
+        cases: 512,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn any_text_as_a_cluster_config(text in "\\PC{0,200}") {
@@ -222,7 +228,7 @@ proptest! {
         ),
         sets in prop::collection::vec(
             prop::collection::vec(
-                (prop::sample::select(&["name", "plugin", "parameters", "id"][..]), value()),
+                (prop::sample::select(&["name", "driver", "set_id", "parameters", "x"][..]), value()),
                 0..5,
             ),
             0..3,
@@ -245,6 +251,36 @@ proptest! {
             if let Some(problem) = new.problem() {
                 prop_assert!(problem.contains(':'), "{problem}");
             }
+        }
+    }
+
+    #[test]
+    fn submissions_with_any_values_name_what_they_refuse(
+        command in prop::collection::vec("\\PC{0,12}", 0..4),
+        env in prop::collection::btree_map("\\PC{0,6}", "\\PC{0,6}", 0..4),
+        working_dir in prop::option::of("\\PC{0,10}"),
+        image in prop::option::of("\\PC{0,10}"),
+        priority in any::<i64>(),
+        vcpus in any::<u32>(),
+        ram in any::<u64>(),
+    ) {
+        let body = serde_json::json!({
+            "command": command,
+            "env": env,
+            "working_dir": working_dir,
+            "image": image,
+            "priority": priority,
+            "runtime_constraints": {"vcpus": vcpus, "ram_bytes": ram},
+        });
+        let new: NewContainer = serde_json::from_value(body).expect("a well-formed submission parses");
+        if let Some(problem) = new.problem() {
+            let field = problem.split(':').next().unwrap_or_default();
+            prop_assert!(
+                ["command", "env", "working_dir", "image", "priority", "runtime_constraints"]
+                    .iter()
+                    .any(|f| field.starts_with(f)),
+                "{problem}"
+            );
         }
     }
 

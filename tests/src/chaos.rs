@@ -15,7 +15,7 @@ use dispatch_cloud::queue::{ContainerState, NewContainer, RuntimeConstraints};
 
 use crate::{loopback_set, HarnessOptions, ServeHarness};
 
-/// Three sizes; `large` is at capacity for the whole run.
+/// Three sizes; `medium` is at capacity for the whole run (3-vCPU containers then take `large`).
 const TYPES: &str = r#"
 [[instance_types]]
 name = "small"
@@ -42,7 +42,7 @@ create_error_rate = 0.1
 destroy_error_rate = 0.1
 create_rate_limit_ms = 100
 max_instances = 8
-capacity_error_types = [\"lb.large\"]
+capacity_error_types = [\"lb.medium\"]
 crash_after_ms = 1500
 crash_rate = 0.05
 broken_after_ms = 2500
@@ -202,6 +202,20 @@ pub fn run(opts: &ChaosOptions) -> ChaosReport {
         .into_iter()
         .map(|c| (c.id.clone(), c))
         .collect();
+    // Recorded once: across serve's three lives, one `to=Complete` line per container.
+    let log_before_stop = h.log();
+    let mut completions: HashMap<&str, usize> = HashMap::new();
+    for line in log_before_stop
+        .lines()
+        .filter(|l| l.contains(" to=Complete"))
+    {
+        if let Some(id) = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("container="))
+        {
+            *completions.entry(id).or_default() += 1;
+        }
+    }
     let mut reruns = 0;
     let mut attempts = 0;
     for (id, tag) in &ids {
@@ -210,6 +224,16 @@ pub fn run(opts: &ChaosOptions) -> ChaosReport {
             .unwrap_or_else(|| panic!("{id} ({tag}) is gone"));
         assert_eq!(c.state, ContainerState::Complete, "{tag}: {c:?}");
         assert_eq!(c.exit_code, Some(expected[tag]), "{tag}: {c:?}");
+        assert_ne!(
+            c.instance_type.as_deref(),
+            Some("medium"),
+            "a type at capacity ran {tag}"
+        );
+        assert_eq!(
+            completions.get(id.as_str()).copied(),
+            Some(1),
+            "{tag} was recorded Complete more or less than once"
+        );
         let ran = run_counts.get(tag).copied().unwrap_or(0);
         assert!(ran >= 1, "{tag} never ran: {c:?}");
         assert!(

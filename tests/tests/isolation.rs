@@ -54,7 +54,7 @@ fn attack(container_user: Option<&str>) -> (String, dispatch_cloud::queue::Conta
     let b = h
         .client()
         .submit(&one_vcpu(
-            &format!("sleep 4; : {marker}-b; exit 3"),
+            &format!("sleep 8; : {marker}-b; exit 3"),
             &[("SECRET", "b-secret-9f3a")],
         ))
         .expect("submit B")
@@ -62,7 +62,8 @@ fn attack(container_user: Option<&str>) -> (String, dispatch_cloud::queue::Conta
     h.wait_for_state(&b, ContainerState::Running, Duration::from_secs(60));
     // Everything A tries prints a word only when it works.
     let attack = format!(
-        r#"R="$DISPATCH_CLOUD_VM_ROOT/var/lib/dispatch-cloud/runs"
+        r#"pgrep -f '{marker}[-]b' >/dev/null && echo SAW-B
+R="$DISPATCH_CLOUD_VM_ROOT/var/lib/dispatch-cloud/runs"
 cat "$R/{b}/spec.json" 2>/dev/null && echo READ-SPEC
 ls "$R" >/dev/null 2>&1 && echo LISTED-RUNS
 cat "$R/{b}/stdout" >/dev/null 2>&1 && echo READ-LOG
@@ -70,6 +71,8 @@ for p in /proc/[0-9]*; do
   tr '\0' '\n' < "$p/environ" 2>/dev/null | grep -q b-secret && echo READ-ENV
 done
 echo '{{"exit_code":0}}' 2>/dev/null > "$R/{b}/exit.json" && echo WROTE-EXIT
+touch "$DISPATCH_CLOUD_VM_ROOT/var/lib/dispatch-cloud/broken" 2>/dev/null && echo FLAGGED-BROKEN
+ls "$DISPATCH_CLOUD_VM_ROOT/var/lib/dispatch-cloud/work" >/dev/null 2>&1 && echo LISTED-WORK
 pkill -9 -f '{marker}[-]b' 2>/dev/null && echo KILLED-B
 ls "$DISPATCH_CLOUD_VM_ROOT/var/lib/dispatch-cloud/work/{b}" >/dev/null 2>&1 && echo ENTERED-WORKDIR
 id -u
@@ -89,6 +92,10 @@ echo A-DONE"#
     assert_eq!(a_done.instance_id, b_done.instance_id, "both ran on one VM");
     let out = text(&h.client().logs(&a, "stdout").expect("A's stdout"));
     assert!(out.contains("A-DONE"), "A's script ran: {out}");
+    assert!(
+        out.contains("SAW-B"),
+        "B was running while A attacked: {out}"
+    );
     (out, b_done)
 }
 
@@ -103,6 +110,8 @@ fn a_container_cannot_read_or_forge_another_on_the_same_vm() {
         "WROTE-EXIT",
         "KILLED-B",
         "ENTERED-WORKDIR",
+        "FLAGGED-BROKEN",
+        "LISTED-WORK",
     ] {
         assert!(!out.contains(word), "A managed {word}:\n{out}");
     }
@@ -128,4 +137,33 @@ fn without_isolation_the_same_attack_reads_the_secret() {
         out.contains("READ-SPEC") && out.contains("READ-ENV"),
         "{out}"
     );
+}
+
+/// What a run leaves running in the background dies when the run is forgotten: its user ID
+/// must be free before another run can be given it.
+#[test]
+fn a_runs_leftover_processes_end_when_it_is_forgotten() {
+    let h = ServeHarness::start_opts(HarnessOptions {
+        cluster_extra: ONE_SMALL_TYPE.into(),
+        ..HarnessOptions::default()
+    });
+    let marker = format!("leftover{}", rand_word());
+    let id = h
+        .client()
+        .submit(&one_vcpu(
+            &format!("setsid sh -c 'sleep 300; : {marker}' >/dev/null 2>&1 & exit 0"),
+            &[],
+        ))
+        .expect("submit")
+        .id;
+    h.wait_for_state(&id, ContainerState::Complete, Duration::from_secs(60));
+    let running = || {
+        std::process::Command::new("pgrep")
+            .args(["-f", &format!("{marker}$")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    h.wait_for("the leftover to be killed", Duration::from_secs(30), || {
+        !running()
+    });
 }

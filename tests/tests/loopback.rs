@@ -431,7 +431,7 @@ fn boot_delay_then_broken_then_crash_faults_happen_on_time() {
             created.elapsed() >= Duration::from_millis(400),
             "booted early"
         );
-        let flag = "test -f \"$DISPATCH_CLOUD_VM_ROOT/var/lock/dispatch-cloud-runner-broken\"";
+        let flag = "test -f \"$DISPATCH_CLOUD_VM_ROOT/var/lib/dispatch-cloud/broken\"";
         eventually_async("the VM to turn broken", Duration::from_secs(10), || async {
             match exec.execute(flag, b"").await {
                 Ok(out) if out.success() => Ok(()),

@@ -39,7 +39,13 @@ pub struct Imds {
     endpoint: String,
     http: reqwest::blocking::Client,
     cached: Mutex<Option<(Credentials, SystemTime)>>,
+    /// After a refresh that failed while the old keys still worked: not before this.
+    next_try: Mutex<Option<SystemTime>>,
 }
+
+/// How long to keep signing with still-valid keys after IMDS failed to refresh them, before
+/// asking it again.
+const RETRY_AFTER_FAILED_REFRESH: Duration = Duration::from_secs(30);
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -56,43 +62,57 @@ impl Imds {
     /// Only plain HTTP to IMDS's link-local address, or to a loopback one (a test's fake):
     /// whatever answers gets to hand us keys.
     pub fn new(endpoint: &str) -> Result<Self, String> {
-        let endpoint = endpoint.trim_end_matches('/');
-        let host = endpoint
-            .strip_prefix("http://")
-            .ok_or("imds_endpoint: must be http:// (IMDS speaks plain HTTP)")?;
-        let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
-        let allowed = host == "169.254.169.254"
-            || host == "[fd00:ec2::254]"
-            || host == "localhost"
-            || host
-                .parse::<std::net::Ipv4Addr>()
-                .is_ok_and(|ip| ip.is_loopback());
+        let url = reqwest::Url::parse(endpoint)
+            .map_err(|e| format!("imds_endpoint: {endpoint:?} is not a URL: {e}"))?;
+        if url.scheme() != "http" {
+            return Err("imds_endpoint: must be http:// (IMDS speaks plain HTTP)".into());
+        }
+        if !url.username().is_empty() || url.password().is_some() || url.path() != "/" {
+            return Err(format!(
+                "imds_endpoint: {endpoint} must be a bare http://HOST[:PORT], no user or path"
+            ));
+        }
+        let allowed = match url.host() {
+            Some(url::Host::Ipv4(ip)) => {
+                ip == std::net::Ipv4Addr::new(169, 254, 169, 254) || ip.is_loopback()
+            }
+            Some(url::Host::Ipv6(ip)) => {
+                ip == std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+                    || ip.is_loopback()
+            }
+            Some(url::Host::Domain(d)) => d == "localhost",
+            None => false,
+        };
         if !allowed {
             return Err(format!(
-                "imds_endpoint: {endpoint} is neither IMDS (169.254.169.254, fd00:ec2::254) nor a loopback address"
+                "imds_endpoint: {endpoint} is neither IMDS (169.254.169.254, [fd00:ec2::254]) nor a loopback address"
             ));
         }
         let http = reqwest::blocking::Client::builder()
             .timeout(IMDS_TIMEOUT)
-            // A proxy from the environment must not see the keys.
+            // A proxy from the environment must not see the keys, nor a redirect send us on.
             .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| format!("IMDS client: {e}"))?;
         Ok(Imds {
-            endpoint: endpoint.to_string(),
+            endpoint: url.as_str().trim_end_matches('/').to_string(),
             http,
             cached: Mutex::new(None),
+            next_try: Mutex::new(None),
         })
     }
 
     fn current(&self) -> Result<Credentials, String> {
         let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
         let now = SystemTime::now();
+        let mut next_try = self.next_try.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((creds, expires)) = cached.as_ref() {
-            if expires
+            let fresh = expires
                 .duration_since(now)
-                .is_ok_and(|left| left > REFRESH_BEFORE_EXPIRY)
-            {
+                .is_ok_and(|left| left > REFRESH_BEFORE_EXPIRY);
+            let holding_off = *expires > now && next_try.is_some_and(|t| now < t);
+            if fresh || holding_off {
                 return Ok(creds.clone());
             }
         }
@@ -100,12 +120,14 @@ impl Imds {
             Ok((creds, expires)) => {
                 log::info!("Instance role credentials refreshed; they expire at {expires:?}");
                 *cached = Some((creds.clone(), expires));
+                *next_try = None;
                 Ok(creds)
             }
             // Keys that have not expired yet still sign; the next call tries IMDS again.
             Err(e) => match cached.as_ref() {
                 Some((creds, expires)) if *expires > now => {
-                    log::warn!("Refreshing instance role credentials failed ({e}); using the current ones until they expire");
+                    log::warn!("Refreshing instance role credentials failed ({e}); using the current ones, asking again in {RETRY_AFTER_FAILED_REFRESH:?}");
+                    *next_try = Some(now + RETRY_AFTER_FAILED_REFRESH);
                     Ok(creds.clone())
                 }
                 _ => Err(e),
@@ -184,6 +206,8 @@ mod tests {
             "http://169.254.169.254/",
             "http://127.0.0.1:8080",
             "http://localhost:9",
+            "http://[fd00:ec2::254]",
+            "http://[::1]:8080",
         ] {
             assert!(Imds::new(ok).is_ok(), "{ok}");
         }
@@ -192,6 +216,9 @@ mod tests {
             "http://evil.example",
             "http://10.0.0.1:80",
             "169.254.169.254",
+            "http://169.254.169.254:1@evil.example",
+            "http://user@127.0.0.1:80",
+            "http://127.0.0.1:80/latest",
         ] {
             assert!(Imds::new(bad).is_err(), "{bad}");
         }

@@ -18,7 +18,7 @@ use crate::sshd::VmShell;
 
 /// The runner's broken-node flag, relative to the VM root; deleted at create, written when a
 /// `broken_after_ms` fault fires.
-const BROKEN_FLAG: &str = "var/lock/dispatch-cloud-runner-broken";
+const BROKEN_FLAG: &str = "var/lib/dispatch-cloud/broken";
 
 /// What the daemon remembers of a VM across restarts (`vms/<id>/vm.json`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -457,7 +457,11 @@ async fn run_vm(cloud: Arc<Cloud>, record: VmRecord, key: PrivateKey, listener: 
         let vm = id.clone();
         tokio::spawn(async move {
             tokio::time::sleep_until(instant_at(at)).await;
-            if std::fs::write(&flag, b"broken by loopback fault injection\n").is_ok() {
+            let written = flag
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::write(&flag, b"broken by loopback fault injection\n"));
+            if written.is_ok() {
                 log::info!("vm={vm} turned broken");
             }
         });
