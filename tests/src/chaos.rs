@@ -13,30 +13,9 @@ use std::time::{Duration, Instant};
 
 use dispatch_cloud::queue::{ContainerState, NewContainer, RuntimeConstraints};
 
-use crate::{loopback_set, HarnessOptions, ServeHarness};
+use crate::{loopback_set, HarnessOptions, ServeHarness, THREE_TYPES};
 
-/// Three sizes; `medium` is at capacity for the whole run (3-vCPU containers then take `large`).
-const TYPES: &str = r#"
-[[instance_types]]
-name = "small"
-provider_type = "lb.small"
-vcpus = 2
-ram = "2GiB"
-price = 0.02
-[[instance_types]]
-name = "medium"
-provider_type = "lb.medium"
-vcpus = 4
-ram = "8GiB"
-price = 0.06
-[[instance_types]]
-name = "large"
-provider_type = "lb.large"
-vcpus = 8
-ram = "16GiB"
-price = 0.08
-"#;
-
+/// `lb.medium` is at capacity for the whole run (3-vCPU containers then take `large`).
 const FAULTS: &str = "[instance_sets.parameters.faults]
 create_error_rate = 0.1
 destroy_error_rate = 0.1
@@ -112,7 +91,7 @@ pub fn run(opts: &ChaosOptions) -> ChaosReport {
     let started = Instant::now();
     let cpu_before = reaped_children_cpu();
     let mut h = ServeHarness::start_opts(HarnessOptions {
-        cluster_extra: TYPES.into(),
+        cluster_extra: THREE_TYPES.into(),
         loopback_extra: FAULTS.into(),
         idle_seconds: 2.0,
         ..HarnessOptions::default()

@@ -432,6 +432,42 @@ pub struct ServeHarness {
     executable: Option<PathBuf>,
 }
 
+/// Three loopback instance types: small (2 vCPUs, 2 GiB, $0.02/h), medium (4, 8 GiB, $0.06/h)
+/// and large (8, 16 GiB, $0.08/h).
+pub const THREE_TYPES: &str = r#"
+[[instance_types]]
+name = "small"
+provider_type = "lb.small"
+vcpus = 2
+ram = "2GiB"
+price = 0.02
+[[instance_types]]
+name = "medium"
+provider_type = "lb.medium"
+vcpus = 4
+ram = "8GiB"
+price = 0.06
+[[instance_types]]
+name = "large"
+provider_type = "lb.large"
+vcpus = 8
+ram = "16GiB"
+price = 0.08
+"#;
+
+/// GET `path` with `token`; the JSON answer, whatever its status.
+pub fn get_json(url: &str, path: &str, token: &str) -> serde_json::Value {
+    let response = match ureq::get(&format!("{url}{path}"))
+        .set("Authorization", &format!("Bearer {token}"))
+        .call()
+    {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("GET {path}: {e}"),
+    };
+    serde_json::from_str(&response.into_string().expect("body")).expect("JSON")
+}
+
 /// One loopback instance type (2 vCPUs, 2 GiB, $0.25/h), for tests that need a VM but no
 /// choice of size.
 pub const ONE_SMALL_TYPE: &str = r#"

@@ -22,13 +22,7 @@ fn whole_vm_sleeper(seconds: u32) -> NewContainer {
 }
 
 fn get_json(h: &ServeHarness, path: &str) -> serde_json::Value {
-    let body = ureq::get(&format!("{}{path}", h.url))
-        .set("Authorization", &format!("Bearer {}", h.token))
-        .call()
-        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
-        .into_string()
-        .expect("body");
-    serde_json::from_str(&body).expect("JSON")
+    system_tests::get_json(&h.url, path, &h.token)
 }
 
 #[test]

@@ -8,26 +8,7 @@ use dispatch_cloud::queue::{Container, ContainerState, NewContainer, RuntimeCons
 use driver_abi::Tags;
 use system_tests::*;
 
-const TYPES: &str = r#"
-[[instance_types]]
-name = "small"
-provider_type = "lb.small"
-vcpus = 2
-ram = "2GiB"
-price = 0.02
-[[instance_types]]
-name = "medium"
-provider_type = "lb.medium"
-vcpus = 4
-ram = "8GiB"
-price = 0.06
-[[instance_types]]
-name = "large"
-provider_type = "lb.large"
-vcpus = 8
-ram = "16GiB"
-price = 0.08
-"#;
+const TYPES: &str = THREE_TYPES;
 
 const MIB: u64 = 1 << 20;
 
