@@ -79,7 +79,7 @@ fn layout(title: &str, refresh: bool, body: Markup) -> Markup {
 
 const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}\
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{padding:.2em .6em;border-bottom:1px solid #ddd;text-align:left}\
-th{background:#f4f4f4}.num{text-align:right}.money{font-size:1.3em;margin-right:2em}\
+th{background:#f4f4f4}td:first-child{white-space:nowrap}.num{text-align:right}.money{font-size:1.3em;margin-right:2em}\
 form.inline{display:inline}button{margin-right:.2em}.reason{color:#a40}\
 .legend-instances{color:#1f6fb2}.legend-waiting{color:#d9731a}";
 
