@@ -1026,6 +1026,38 @@ impl ImdsFake {
     }
 }
 
+/// AWS STS's `AssumeRoleWithWebIdentity` (`tests/fakes/sts.py`).
+pub struct StsFake(FakeCloud);
+
+impl std::ops::Deref for StsFake {
+    type Target = FakeCloud;
+    fn deref(&self) -> &FakeCloud {
+        &self.0
+    }
+}
+
+impl StsFake {
+    pub fn start() -> Self {
+        StsFake(FakeCloud::start("sts.py", &[]))
+    }
+
+    /// Accept `token` from now on and hand out these keys, valid for `expires_in` seconds.
+    pub fn serve_credentials(&self, token: &str, key: &str, secret: &str, expires_in: f64) {
+        self.control(
+            "credentials",
+            serde_json::json!({
+                "token": token,
+                "AccessKeyId": key,
+                "SecretAccessKey": secret,
+                // The keys are a moto IAM user's, which moto checks without a session token
+                // (it refuses an unknown one); STS's own tokens are not moto's to check.
+                "SessionToken": "",
+                "expires_in": expires_in,
+            }),
+        );
+    }
+}
+
 /// The GCE Compute fake (`tests/fakes/gce_compute.py`): zone operations take 0.2 s from
 /// PENDING to DONE; the test service account's JWTs (`service_account_file`) are accepted.
 pub struct GceFake(FakeCloud);

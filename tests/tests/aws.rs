@@ -373,3 +373,66 @@ fn with_no_keys_the_instance_role_signs_and_is_refreshed_before_expiry() {
     assert_eq!(err.kind(), "invalid_config");
     assert!(err.to_string().contains("instance role"), "{err}");
 }
+
+/// With a web-identity token file (as EKS mounts one) the driver assumes the role through STS,
+/// signs with what it gets (moto checks), and reads the file again when it refreshes: a
+/// rotated token is the one sent next.
+#[test]
+fn a_web_identity_token_file_assumes_the_role_and_is_read_again_at_refresh() {
+    let moto = MotoServer::start_with_env(&[("INITIAL_NO_AUTH_ACTION_COUNT", "4")]);
+    let keys = moto_iam_keys(&moto);
+    let sts = StsFake::start();
+    let dir = tempfile::tempdir().expect("tmp");
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "first-token\n").expect("token");
+    let mut text = pinned_plugin_entry("aws", &aws_so());
+    text.push_str(&format!(
+        "\n[[instance_sets]]\nname = \"web\"\ndriver = \"aws\"\nset_id = \"zzzzz-zzzzz-awswebidentity0\"\n[instance_sets.parameters]\nregion = \"us-east-1\"\nendpoint = \"{}\"\nsts_endpoint = \"{}\"\nrole_arn = \"arn:aws:iam::123456789012:role/dispatcher\"\nweb_identity_token_file = {:?}\n",
+        moto.endpoint,
+        sts.endpoint,
+        token_file.display().to_string()
+    ));
+    let c = Catalogue::load(&write_plugins_toml(dir.path(), &text)).expect("catalogue");
+    let loaded = plugin::load(c.plugin("aws").expect("entry")).expect("load");
+
+    // A token STS does not accept: the set is refused, naming the role's source.
+    sts.serve_credentials("some-other-token", &keys[0].0, &keys[0].1, 3600.0);
+    let err = loaded
+        .new_instance_set(c.instance_set("web").expect("set"), &Tags::new())
+        .err()
+        .expect("refused token");
+    assert_eq!(err.kind(), "invalid_config");
+    assert!(
+        err.to_string().contains("web-identity")
+            && err.to_string().contains("InvalidIdentityToken"),
+        "{err}"
+    );
+
+    // Valid 6 s past the refresh margin: fresh for the first calls only.
+    sts.serve_credentials("first-token", &keys[0].0, &keys[0].1, 306.0);
+    let web = open(&loaded, &c, "web");
+    web.instances(&Tags::new())
+        .expect("signed with the assumed role's keys");
+    // The token rotates, and with it the keys; the old key stops working.
+    std::fs::write(&token_file, "second-token\n").expect("token");
+    sts.serve_credentials("second-token", &keys[1].0, &keys[1].1, 3600.0);
+    delete_moto_key(&moto, &keys[1], &keys[0].0);
+    eventually(
+        "a call signed after the refresh",
+        Duration::from_secs(30),
+        || web.instances(&Tags::new()).is_ok(),
+    );
+    let calls = sts.requests();
+    assert!(
+        calls
+            .iter()
+            .all(|r| r["action"] == "AssumeRoleWithWebIdentity"
+                && r["role"] == "arn:aws:iam::123456789012:role/dispatcher"
+                && r["signed"] == false),
+        "{calls:?}"
+    );
+    assert!(
+        calls.iter().any(|r| r["token"] == "second-token"),
+        "the rotated token was read again: {calls:?}"
+    );
+}

@@ -1,6 +1,7 @@
 //! Where the EC2 client's credentials come from: keys given (parameters or environment), or,
-//! with none, the instance role through IMDSv2, refreshed before they expire, so no
-//! long-lived key needs to sit on the host's disk.
+//! with none, short-lived keys refreshed before they expire: a role assumed with a
+//! web-identity token file (STS `AssumeRoleWithWebIdentity`, as on EKS), or the instance role
+//! through IMDSv2. No long-lived key needs to sit on the host's disk.
 
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
@@ -21,7 +22,7 @@ const TOKEN_TTL_SECONDS: &str = "21600";
 
 pub enum CredentialSource {
     Static(Credentials),
-    Imds(Imds),
+    Refreshed(Refreshing),
 }
 
 impl CredentialSource {
@@ -29,18 +30,28 @@ impl CredentialSource {
     pub fn current(&self) -> Result<Credentials, String> {
         match self {
             CredentialSource::Static(c) => Ok(c.clone()),
-            CredentialSource::Imds(imds) => imds.current(),
+            CredentialSource::Refreshed(r) => r.current(),
         }
     }
+}
+
+/// Something that hands out keys with an expiry: IMDS, or STS with a web-identity token.
+pub trait Fetch: Send + Sync {
+    fn fetch(&self) -> Result<(Credentials, SystemTime), String>;
+}
+
+/// Short-lived keys, kept while fresh and fetched again before they expire.
+pub struct Refreshing {
+    source: Box<dyn Fetch>,
+    cached: Mutex<Option<(Credentials, SystemTime)>>,
+    /// After a refresh that failed while the old keys still worked: not before this.
+    next_try: Mutex<Option<SystemTime>>,
 }
 
 /// The instance metadata service, IMDSv2 (a session token first, then the role's keys).
 pub struct Imds {
     endpoint: String,
     http: reqwest::blocking::Client,
-    cached: Mutex<Option<(Credentials, SystemTime)>>,
-    /// After a refresh that failed while the old keys still worked: not before this.
-    next_try: Mutex<Option<SystemTime>>,
 }
 
 /// How long to keep signing with still-valid keys after IMDS failed to refresh them, before
@@ -98,9 +109,17 @@ impl Imds {
         Ok(Imds {
             endpoint: url.as_str().trim_end_matches('/').to_string(),
             http,
+        })
+    }
+}
+
+impl Refreshing {
+    pub fn new(source: impl Fetch + 'static) -> Self {
+        Refreshing {
+            source: Box::new(source),
             cached: Mutex::new(None),
             next_try: Mutex::new(None),
-        })
+        }
     }
 
     fn current(&self) -> Result<Credentials, String> {
@@ -116,9 +135,9 @@ impl Imds {
                 return Ok(creds.clone());
             }
         }
-        match self.fetch() {
+        match self.source.fetch() {
             Ok((creds, expires)) => {
-                log::info!("Instance role credentials refreshed; they expire at {expires:?}");
+                log::info!("Role credentials refreshed; they expire at {expires:?}");
                 *cached = Some((creds.clone(), expires));
                 *next_try = None;
                 Ok(creds)
@@ -126,7 +145,7 @@ impl Imds {
             // Keys that have not expired yet still sign; the next call tries IMDS again.
             Err(e) => match cached.as_ref() {
                 Some((creds, expires)) if *expires > now => {
-                    log::warn!("Refreshing instance role credentials failed ({e}); using the current ones, asking again in {RETRY_AFTER_FAILED_REFRESH:?}");
+                    log::warn!("Refreshing role credentials failed ({e}); using the current ones, asking again in {RETRY_AFTER_FAILED_REFRESH:?}");
                     *next_try = Some(now + RETRY_AFTER_FAILED_REFRESH);
                     Ok(creds.clone())
                 }
@@ -134,7 +153,9 @@ impl Imds {
             },
         }
     }
+}
 
+impl Fetch for Imds {
     fn fetch(&self) -> Result<(Credentials, SystemTime), String> {
         let fail = |what: &str, e: &dyn std::fmt::Display| format!("IMDS {what}: {e}");
         let token = self
@@ -189,6 +210,123 @@ impl Imds {
                 r.token.filter(|t| !t.is_empty()),
                 Some(expires),
                 "imds",
+            ),
+            expires,
+        ))
+    }
+}
+
+/// A role assumed with a web-identity token (STS `AssumeRoleWithWebIdentity`). The token file
+/// is read again at each refresh: whoever issues it (Kubernetes) rotates it.
+pub struct WebIdentity {
+    pub sts_endpoint: String,
+    pub role_arn: String,
+    pub token_file: std::path::PathBuf,
+    pub session_name: String,
+    http: reqwest::blocking::Client,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct AssumeRoleResponse {
+    assume_role_with_web_identity_result: AssumeRoleResult,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct AssumeRoleResult {
+    credentials: StsCredentials,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct StsCredentials {
+    access_key_id: String,
+    secret_access_key: String,
+    session_token: String,
+    expiration: String,
+}
+
+impl WebIdentity {
+    pub fn new(
+        sts_endpoint: &str,
+        role_arn: &str,
+        token_file: &std::path::Path,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        // The token goes with the request: only to HTTPS, or to a loopback test server.
+        let url = reqwest::Url::parse(sts_endpoint)
+            .map_err(|e| format!("sts_endpoint: {sts_endpoint:?} is not a URL: {e}"))?;
+        let loopback = match url.host() {
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            Some(url::Host::Domain(d)) => d == "localhost",
+            None => false,
+        };
+        if url.scheme() != "https" && !(url.scheme() == "http" && loopback) {
+            return Err(format!(
+                "sts_endpoint: {sts_endpoint} must be https:// (http:// only to a loopback address)"
+            ));
+        }
+        if role_arn.trim().is_empty() {
+            return Err("role_arn: must be given with web_identity_token_file".into());
+        }
+        let http = reqwest::blocking::Client::builder()
+            .timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| format!("STS client: {e}"))?;
+        Ok(WebIdentity {
+            sts_endpoint: url.to_string(),
+            role_arn: role_arn.to_string(),
+            token_file: token_file.to_path_buf(),
+            session_name: "dispatch-cloud".into(),
+            http,
+        })
+    }
+}
+
+impl Fetch for WebIdentity {
+    fn fetch(&self) -> Result<(Credentials, SystemTime), String> {
+        let token = std::fs::read_to_string(&self.token_file)
+            .map_err(|e| format!("web_identity_token_file {}: {e}", self.token_file.display()))?;
+        let form = [
+            ("Action", "AssumeRoleWithWebIdentity"),
+            ("Version", "2011-06-15"),
+            ("RoleArn", self.role_arn.as_str()),
+            ("RoleSessionName", self.session_name.as_str()),
+            ("WebIdentityToken", token.trim()),
+            ("DurationSeconds", "3600"),
+        ];
+        let response = self
+            .http
+            .post(&self.sts_endpoint)
+            .form(&form)
+            .send()
+            .map_err(|e| format!("STS AssumeRoleWithWebIdentity: {e}"))?;
+        let status = response.status();
+        let body = response
+            .text()
+            .map_err(|e| format!("STS AssumeRoleWithWebIdentity: {e}"))?;
+        if !status.is_success() {
+            let api = crate::ec2::parse_error(status.as_u16(), &body);
+            return Err(format!(
+                "STS AssumeRoleWithWebIdentity for {}: {} {}",
+                self.role_arn, api.code, api.message
+            ));
+        }
+        let parsed: AssumeRoleResponse = quick_xml::de::from_str(&body)
+            .map_err(|e| format!("STS AssumeRoleWithWebIdentity answer: {e}"))?;
+        let c = parsed.assume_role_with_web_identity_result.credentials;
+        let expires = parse_rfc3339(&c.expiration)
+            .ok_or_else(|| format!("STS credentials: expiration {:?}", c.expiration))?;
+        Ok((
+            Credentials::new(
+                c.access_key_id,
+                c.secret_access_key,
+                Some(c.session_token).filter(|t| !t.is_empty()),
+                Some(expires),
+                "web-identity",
             ),
             expires,
         ))

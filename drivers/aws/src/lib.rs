@@ -21,7 +21,7 @@ use driver_abi::{
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::credentials::{CredentialSource, Imds};
+use crate::credentials::{CredentialSource, Imds, Refreshing, WebIdentity};
 use crate::ec2::{ApiError, Ec2Client};
 use crate::errors::{classify, is_subnet_specific, Backoff};
 
@@ -66,6 +66,12 @@ struct Params {
     session_token: Option<String>,
     /// Where IMDS answers (a test serves a fake on 127.0.0.1).
     imds_endpoint: Option<String>,
+    /// A web-identity token file and the role to assume with it (STS
+    /// `AssumeRoleWithWebIdentity`); default `AWS_WEB_IDENTITY_TOKEN_FILE` / `AWS_ROLE_ARN`.
+    web_identity_token_file: Option<std::path::PathBuf>,
+    role_arn: Option<String>,
+    /// Default `https://sts.<region>.amazonaws.com/`.
+    sts_endpoint: Option<String>,
     /// Tried in turn on subnet-specific errors; the one that worked is used first next time.
     #[serde(default)]
     subnet_ids: Vec<String>,
@@ -127,16 +133,43 @@ impl Driver for AwsDriver {
                     "environment",
                 )),
                 _ => {
-                    let endpoint = p
-                        .imds_endpoint
-                        .as_deref()
-                        .unwrap_or(credentials::DEFAULT_IMDS_ENDPOINT);
-                    let imds = Imds::new(endpoint).map_err(DriverError::invalid_config)?;
-                    let source = CredentialSource::Imds(imds);
+                    let token_file = p
+                        .web_identity_token_file
+                        .clone()
+                        .or_else(|| env("AWS_WEB_IDENTITY_TOKEN_FILE").map(Into::into));
+                    let (source, what) = match token_file {
+                        Some(file) => {
+                            let role = p
+                                .role_arn
+                                .clone()
+                                .or_else(|| env("AWS_ROLE_ARN"))
+                                .unwrap_or_default();
+                            let sts = p.sts_endpoint.clone().unwrap_or_else(|| {
+                                format!("https://sts.{}.amazonaws.com/", p.region)
+                            });
+                            let web = WebIdentity::new(
+                                &sts,
+                                &role,
+                                &file,
+                                Duration::from_secs(p.request_timeout_seconds),
+                            )
+                            .map_err(DriverError::invalid_config)?;
+                            (Refreshing::new(web), "the web-identity role")
+                        }
+                        None => {
+                            let endpoint = p
+                                .imds_endpoint
+                                .as_deref()
+                                .unwrap_or(credentials::DEFAULT_IMDS_ENDPOINT);
+                            let imds = Imds::new(endpoint).map_err(DriverError::invalid_config)?;
+                            (Refreshing::new(imds), "the instance role")
+                        }
+                    };
+                    let source = CredentialSource::Refreshed(source);
                     // Asked now, so a host without a role fails at start, saying why.
                     source.current().map_err(|e| {
                         DriverError::invalid_config(format!(
-                            "access_key_id / secret_access_key: not given, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY are not set, and the instance role gave none ({e})"
+                            "access_key_id / secret_access_key: not given, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY are not set, and {what} gave none ({e})"
                         ))
                     })?;
                     source
