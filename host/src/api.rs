@@ -196,7 +196,6 @@ pub fn router(state: ApiState) -> Router {
         .route_layer(guard(Need::Manage));
     let authed = read.merge(submit).merge(manage);
     Router::new()
-        .merge(crate::page::routes())
         .route("/_health/ping", get(health))
         .merge(authed)
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })

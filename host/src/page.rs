@@ -24,12 +24,14 @@ const REFRESH_SECONDS: u32 = 5;
 /// Queue rows shown; the rest are counted.
 const QUEUE_ROWS: usize = 200;
 
-pub fn routes() -> Router<ApiState> {
+/// The page's routes, to merge with the API's (which has the fallback for unknown paths).
+pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/", get(status_page))
         .route("/login", post(login))
         .route("/logout", post(logout))
         .route("/ui/instances/{id}/{action}", post(act))
+        .with_state(state)
 }
 
 /// The token the browser signed in with (hex in the cookie: any token survives the trip).

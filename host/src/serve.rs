@@ -306,14 +306,16 @@ pub async fn serve(
     let dispatcher_task = tokio::spawn(dispatcher.run(async move {
         let _ = dispatcher_stop.changed().await;
     }));
-    let app = api::router(ApiState {
+    let state = ApiState {
         queue,
         dispatcher: handle,
         tokens: Arc::new(tokens),
         management_tokens: Arc::new(config.management_tokens.clone()),
         metrics,
         runner: binary,
-    });
+    };
+    // The status page answers on the same listener, with the same tokens.
+    let app = crate::page::router(state.clone()).merge(api::router(state));
     let address = listener.local_addr()?;
     // Clients of this state dir find the server here, also when the config says port 0.
     let address_file = address_path(&config);

@@ -247,6 +247,21 @@ struct StsCredentials {
     expiration: String,
 }
 
+/// STS's error body (`<ErrorResponse><Error><Code>…`), unlike EC2's.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct StsErrorResponse {
+    error: StsError,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct StsError {
+    code: String,
+    #[serde(default)]
+    message: String,
+}
+
 impl WebIdentity {
     pub fn new(
         sts_endpoint: &str,
@@ -309,10 +324,12 @@ impl Fetch for WebIdentity {
             .text()
             .map_err(|e| format!("STS AssumeRoleWithWebIdentity: {e}"))?;
         if !status.is_success() {
-            let api = crate::ec2::parse_error(status.as_u16(), &body);
+            let (code, message) = quick_xml::de::from_str::<StsErrorResponse>(&body)
+                .map(|r| (r.error.code, r.error.message))
+                .unwrap_or_else(|_| (format!("HTTP {status}"), body.chars().take(300).collect()));
             return Err(format!(
-                "STS AssumeRoleWithWebIdentity for {}: {} {}",
-                self.role_arn, api.code, api.message
+                "STS AssumeRoleWithWebIdentity for {}: {code} {message}",
+                self.role_arn
             ));
         }
         let parsed: AssumeRoleResponse = quick_xml::de::from_str(&body)
