@@ -8,6 +8,7 @@ import re
 import ssl
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -53,6 +54,17 @@ class FakeHandler(BaseHTTPRequestHandler):
         if getattr(self, "entry", None) is not None:
             self.entry["status"] = status
 
+    def reply_raw(self, status, body, content_type):
+        """A text answer (an IMDS token, STS's XML) instead of JSON."""
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        if getattr(self, "entry", None) is not None:
+            self.entry["status"] = status
+
     def read_body(self):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
@@ -69,6 +81,24 @@ class FakeHandler(BaseHTTPRequestHandler):
                 self.state.injected.remove(fault)
             return fault
         return None
+
+
+class CredentialState:
+    """What the credential fakes (IMDS, STS) keep: the keys handed out, the request log."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.credentials = None
+        self.expires_at = 0.0
+        # IMDSv2 session tokens handed out.
+        self.tokens = set()
+        self.requests = []
+        self.injected = []
+
+
+def aws_time(t):
+    """A Unix time as AWS writes expirations: 2026-11-29T08:37:03Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def serve(handler, cert=None, key=None):

@@ -14,40 +14,18 @@ only.
 
 import json
 import secrets
-import threading
 import time
 
-from fakelib import FakeHandler, serve
+from fakelib import CredentialState, FakeHandler, aws_time, serve
 
 ROLE = "dispatch-cloud-test-role"
 
 
-class State:
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.tokens = set()
-        self.credentials = None
-        self.expires_at = 0.0
-        self.requests = []
-        self.injected = []
-
-
-def rfc3339(t):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
 class Handler(FakeHandler):
-    state = State()
+    state = CredentialState()
 
     def text(self, status, body):
-        data = body.encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-        if self.entry is not None:
-            self.entry["status"] = status
+        return self.reply_raw(status, body, "text/plain")
 
     def route(self, method):
         s = self.state
@@ -88,12 +66,12 @@ class Handler(FakeHandler):
                 return self.text(404, "")
             body = {
                 "Code": "Success",
-                "LastUpdated": rfc3339(time.time()),
+                "LastUpdated": aws_time(time.time()),
                 "Type": "AWS-HMAC",
                 "AccessKeyId": creds["AccessKeyId"],
                 "SecretAccessKey": creds["SecretAccessKey"],
                 "Token": creds.get("Token", ""),
-                "Expiration": rfc3339(expires_at),
+                "Expiration": aws_time(expires_at),
             }
             return self.reply(200, body)
         return self.text(404, "")

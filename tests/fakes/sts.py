@@ -14,38 +14,18 @@ only.
 """
 
 import json
-import threading
 import time
 import urllib.parse
 from xml.sax.saxutils import escape
 
-from fakelib import FakeHandler, serve
-
-
-class State:
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.credentials = None
-        self.requests = []
-        self.injected = []
-
-
-def rfc3339(t):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+from fakelib import CredentialState, FakeHandler, aws_time, serve
 
 
 class Handler(FakeHandler):
-    state = State()
+    state = CredentialState()
 
     def xml(self, status, body):
-        data = body.encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "text/xml")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-        if self.entry is not None:
-            self.entry["status"] = status
+        return self.reply_raw(status, body, "text/xml")
 
     def route(self, method):
         s = self.state
@@ -93,7 +73,7 @@ class Handler(FakeHandler):
             escape(creds["AccessKeyId"]),
             escape(creds["SecretAccessKey"]),
             escape(creds.get("SessionToken", "")),
-            rfc3339(creds["expires_at"]),
+            aws_time(creds["expires_at"]),
             escape(form.get("RoleArn", "")),
         )
         return self.xml(200, body)
