@@ -1090,7 +1090,7 @@ impl Dispatcher {
             listings_settled: self.pool.listings_settled(),
         };
         let actions = plan(&input);
-        self.publish_waiting(&input, &actions, now);
+        self.publish_queue_view(&input, &actions, now);
         let by_id: rustc_hash::FxHashMap<&str, &Container> =
             containers.iter().map(|c| (c.id.as_str(), c)).collect();
         let mut lock_failed: HashSet<String> = HashSet::new();
@@ -1116,7 +1116,7 @@ impl Dispatcher {
     }
 
     /// Records, for the API, the queue in scheduling order and why each container waits.
-    fn publish_waiting(&self, input: &PlanInput<'_>, actions: &[Action], now: Instant) {
+    fn publish_queue_view(&self, input: &PlanInput<'_>, actions: &[Action], now: Instant) {
         let pressure = Pressure {
             types: input.types,
             maximum_price_factor: input.maximum_price_factor,

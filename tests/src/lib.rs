@@ -354,29 +354,40 @@ pub fn loopback_set(
 
 static FIXTURE_BUILD: Mutex<()> = Mutex::new(());
 
-/// Builds a fixture crate that lives outside the workspace, as its author would, and returns
-/// its `.so`. Uses its own target directory: the workspace's is locked while tests run.
-pub fn build_fixture(crate_dir: &str, library: &str) -> PathBuf {
+/// Runs `cargo <subcommand>` on a crate outside the workspace, in `target/fixtures` (the
+/// workspace's own target directory is locked while tests run); panics with cargo's output.
+pub fn cargo_on(manifest: &Path, subcommand: &str) {
     let _one_at_a_time = FIXTURE_BUILD.lock().unwrap_or_else(|p| p.into_inner());
-    let manifest = workspace_root()
-        .join("tests/fixtures")
-        .join(crate_dir)
-        .join("Cargo.toml");
-    let target = workspace_root().join("target/fixtures");
     let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .arg("build")
+        .arg(subcommand)
         .arg("--manifest-path")
-        .arg(&manifest)
+        .arg(manifest)
         .arg("--target-dir")
-        .arg(&target)
+        .arg(fixtures_target())
         .output()
         .expect("run cargo");
     assert!(
         out.status.success(),
-        "building {crate_dir} failed:\n{}",
+        "cargo {subcommand} of {} failed:\n{}",
+        manifest.display(),
         text(&out.stderr)
     );
-    let so = target.join("debug").join(library);
+}
+
+/// Where crates outside the workspace are built.
+pub fn fixtures_target() -> PathBuf {
+    workspace_root().join("target/fixtures")
+}
+
+/// Builds a fixture crate that lives outside the workspace, as its author would, and returns
+/// its `.so`.
+pub fn build_fixture(crate_dir: &str, library: &str) -> PathBuf {
+    let manifest = workspace_root()
+        .join("tests/fixtures")
+        .join(crate_dir)
+        .join("Cargo.toml");
+    cargo_on(&manifest, "build");
+    let so = fixtures_target().join("debug").join(library);
     assert!(so.exists(), "{} not produced", so.display());
     so
 }

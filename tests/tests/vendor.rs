@@ -51,8 +51,7 @@ fn a_driver_built_outside_the_workspace_passes_driver_test() {
 #[test]
 fn a_driver_outside_the_repository_builds_against_the_packaged_driver_abi() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    // The workspace's own target directory is locked while tests run.
-    let target = workspace_root().join("target/fixtures");
+    let target = fixtures_target();
     let packaged = std::process::Command::new(&cargo)
         .args([
             "package",
@@ -101,21 +100,8 @@ fn a_driver_outside_the_repository_builds_against_the_packaged_driver_abi() {
         template.replace("@DRIVER_ABI@", &abi.display().to_string()),
     )
     .expect("manifest");
-    for command in ["test", "build"] {
-        let out = std::process::Command::new(&cargo)
-            .arg(command)
-            .arg("--manifest-path")
-            .arg(driver.join("Cargo.toml"))
-            .arg("--target-dir")
-            .arg(&target)
-            .output()
-            .expect("run cargo");
-        assert!(
-            out.status.success(),
-            "cargo {command} of the packaged driver:\n{}",
-            text(&out.stderr)
-        );
-    }
+    cargo_on(&driver.join("Cargo.toml"), "test");
+    cargo_on(&driver.join("Cargo.toml"), "build");
     let so = target.join("debug/libpackaged_cloud.so");
     let file = write_plugins_toml(
         elsewhere.path(),
