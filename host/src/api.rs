@@ -316,7 +316,7 @@ async fn get_one(
 fn waiting_status(view: &SchedulerQueue, id: &str) -> Option<String> {
     view.get(id)
         .filter(|e| e.instance.is_none())
-        .map(|e| e.scheduling_status.clone())
+        .map(|e| e.scheduling_status.to_string())
 }
 
 /// `GET /scheduler/queue`: every active container in the order the scheduler serves them.

@@ -174,7 +174,8 @@ pub struct SchedulerQueue {
     pub waiting: usize,
     /// The quota (or `max_instances`) allowed no more instances at that pass.
     pub at_quota: bool,
-    index: HashMap<String, usize>,
+    /// Container ID → position; the keys share the entries' strings.
+    index: HashMap<Arc<str>, usize>,
 }
 
 impl SchedulerQueue {

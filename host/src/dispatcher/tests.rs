@@ -959,14 +959,14 @@ async fn the_scheduler_queue_says_why_each_container_waits() {
     })
     .await;
     let view = rig.handle.scheduler_queue();
-    let order: Vec<&str> = view.entries.iter().map(|e| e.container.as_str()).collect();
+    let order: Vec<&str> = view.entries.iter().map(|e| &*e.container).collect();
     assert_eq!(
         order,
         [first.as_str(), second.as_str()],
         "locked first, then by priority"
     );
     let entry = view.get(&first).expect("entry");
-    assert_eq!(entry.instance_types, ["large"]);
+    assert_eq!(entry.instance_types.to_vec(), ["large"]);
     assert_eq!(entry.instance, None);
     assert!(entry.first_seen_at_ms > 0);
     let small = rig.submit_needing(1, 1 << 30);
@@ -980,7 +980,7 @@ async fn the_scheduler_queue_says_why_each_container_waits() {
         .instance_types
         .clone();
     // medium costs twice as much: past the default price factor (1.5).
-    assert_eq!(small_types, ["small"]);
+    assert_eq!(small_types.to_vec(), ["small"]);
 
     let huge = rig.submit_needing(64, 1 << 30);
     rig.until_state(&huge, ContainerState::Cancelled).await;

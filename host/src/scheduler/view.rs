@@ -1,4 +1,8 @@
 //! The scheduler's queue as the management API shows it: a wire type, rebuilt at each pass.
+//! A queue holds few shapes and few VMs: the eligible types and the words of each status are
+//! built once and shared (`Arc`), so a pass over 100k containers copies little.
+
+use std::sync::Arc;
 
 use rustc_hash::FxHashMap as HashMap;
 use serde::{Deserialize, Serialize};
@@ -9,29 +13,45 @@ use crate::queue::{Container, ContainerState, RuntimeConstraints};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct QueueEntry {
-    pub container: String,
+    pub container: Arc<str>,
     pub state: ContainerState,
     pub priority: i64,
     pub created_at_ms: i64,
     pub runtime_constraints: RuntimeConstraints,
     /// The types it may run on, cheapest first (within the price factor).
-    pub instance_types: Vec<String>,
+    pub instance_types: Arc<[String]>,
     /// When this dispatcher process first saw it (Unix milliseconds).
     pub first_seen_at_ms: i64,
     /// Why it waits, or where it runs, in words.
-    pub scheduling_status: String,
+    pub scheduling_status: Arc<str>,
     /// What it waits for, as a word; absent once it is on a VM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<Waiting>,
     /// The VM it runs (or starts) on.
-    pub instance: Option<String>,
+    pub instance: Option<Arc<str>>,
+}
+
+/// Words built once and handed out shared.
+#[derive(Default)]
+struct Phrases<'a> {
+    by_key: HashMap<(u8, &'a str), Arc<str>>,
+}
+
+impl<'a> Phrases<'a> {
+    fn get(&mut self, kind: u8, subject: &'a str, make: impl FnOnce() -> String) -> Arc<str> {
+        self.by_key
+            .entry((kind, subject))
+            .or_insert_with(|| Arc::from(make()))
+            .clone()
+    }
 }
 
 /// Every active container: the waiting ones in the order the scheduler serves them, then
-/// those on VMs, then those the queue says run but no VM has reported yet. `first_seen` gives the Unix milliseconds a container was first seen.
-pub fn queue_view(
-    input: &PlanInput<'_>,
-    actions: &[Action],
+/// those on VMs, then those the queue says run but no VM has reported yet. `first_seen`
+/// gives the Unix milliseconds a container was first seen.
+pub fn queue_view<'a>(
+    input: &PlanInput<'a>,
+    actions: &'a [Action],
     pressure: &Pressure<'_>,
     first_seen: &dyn Fn(&str) -> i64,
 ) -> Vec<QueueEntry> {
@@ -43,9 +63,10 @@ pub fn queue_view(
         })
         .collect();
     // Eligible types and the reason to wait depend on the shape and whether priority is 0,
-    // not on the container: worked out once per shape (a queue of 100k holds few shapes).
+    // not on the container: worked out once per shape.
     type Shape = (u32, u64, u64, u32, bool, bool);
-    let mut by_shape: HashMap<Shape, (Vec<String>, (Waiting, String))> = HashMap::default();
+    type ShapeWords = (Arc<[String]>, Waiting, Arc<str>);
+    let mut by_shape: HashMap<Shape, ShapeWords> = HashMap::default();
     let mut shape_of = |c: &Container| {
         let rc = &c.runtime_constraints;
         let shape = (
@@ -59,19 +80,29 @@ pub fn queue_view(
         by_shape
             .entry(shape)
             .or_insert_with(|| {
-                let types = eligible_types(rc, pressure.types, pressure.maximum_price_factor)
-                    .into_iter()
-                    .map(|t| t.name.clone())
-                    .collect();
-                (types, waiting_reason(c, pressure))
+                let types: Vec<String> =
+                    eligible_types(rc, pressure.types, pressure.maximum_price_factor)
+                        .into_iter()
+                        .map(|t| t.name.clone())
+                        .collect();
+                let (waiting, words) = waiting_reason(c, pressure);
+                (types.into(), waiting, Arc::from(words))
             })
             .clone()
     };
+    let mut phrases = Phrases::default();
+    let mut workers: HashMap<&str, Arc<str>> = HashMap::default();
+    let mut worker = |name: &'a str| {
+        workers
+            .entry(name)
+            .or_insert_with(|| Arc::from(name))
+            .clone()
+    };
     let entry = |c: &Container,
-                 types: Vec<String>,
-                 (waiting, status): (Option<Waiting>, String),
-                 instance: Option<String>| QueueEntry {
-        container: c.id.clone(),
+                 types: Arc<[String]>,
+                 (waiting, status): (Option<Waiting>, Arc<str>),
+                 instance: Option<Arc<str>>| QueueEntry {
+        container: Arc::from(c.id.as_str()),
         state: c.state,
         priority: c.priority,
         created_at_ms: c.created_at_ms,
@@ -84,22 +115,18 @@ pub fn queue_view(
     };
     let mut entries = Vec::new();
     for c in waiting_order(input.containers, input.runners) {
-        let (types, (waiting, reason)) = shape_of(c);
-        let status = match (started.get(c.id.as_str()), c.state, &c.instance_type) {
-            (Some(worker), _, _) => {
-                entries.push(entry(
-                    c,
-                    types,
-                    (None, format!("starting on {worker}")),
-                    Some(worker.to_string()),
-                ));
-                continue;
-            }
+        let (types, waiting, reason) = shape_of(c);
+        if let Some(on) = started.get(c.id.as_str()) {
+            let status = phrases.get(0, on, || format!("starting on {on}"));
+            entries.push(entry(c, types, (None, status), Some(worker(on))));
+            continue;
+        }
+        let status = match (c.state, &c.instance_type) {
             // Locked: it has its place on a VM that is booting (or its lock is stale from a
             // previous run, and is about to be released).
-            (None, ContainerState::Locked, Some(t)) => (
+            (ContainerState::Locked, Some(t)) => (
                 Waiting::Boot,
-                format!("waiting for a VM of type {t} to boot"),
+                phrases.get(1, t, || format!("waiting for a VM of type {t} to boot")),
             ),
             _ => (waiting, reason),
         };
@@ -120,21 +147,27 @@ pub fn queue_view(
         .collect();
     unreported.sort_by_key(|c| c.seq);
     for (c, seen) in on_vms {
-        let (types, _) = shape_of(c);
-        let worker = seen.worker().to_string();
+        let (types, _, _) = shape_of(c);
+        let on = seen.worker();
         let status = match seen {
-            RunnerSeen::Starting { .. } => format!("starting on {worker}"),
-            RunnerSeen::Running { .. } => format!("running on {worker}"),
-            RunnerSeen::Exited { .. } => format!("finished on {worker}; recording its result"),
-            RunnerSeen::Stale { .. } => format!("its runner on {worker} died; to be requeued"),
+            RunnerSeen::Starting { .. } => phrases.get(0, on, || format!("starting on {on}")),
+            RunnerSeen::Running { .. } => phrases.get(2, on, || format!("running on {on}")),
+            RunnerSeen::Exited { .. } => {
+                phrases.get(3, on, || format!("finished on {on}; recording its result"))
+            }
+            RunnerSeen::Stale { .. } => {
+                phrases.get(4, on, || format!("its runner on {on} died; to be requeued"))
+            }
         };
-        entries.push(entry(c, types, (None, status), Some(worker)));
+        entries.push(entry(c, types, (None, status), Some(worker(on))));
     }
     for c in unreported {
-        let (types, _) = shape_of(c);
-        let worker = c.instance_id.clone().unwrap_or_default();
-        let status = format!("running on {worker} (its VM has not reported it since this start)");
-        entries.push(entry(c, types, (None, status), Some(worker)));
+        let (types, _, _) = shape_of(c);
+        let on = c.instance_id.as_deref().unwrap_or_default();
+        let status = phrases.get(5, on, || {
+            format!("running on {on} (its VM has not reported it since this start)")
+        });
+        entries.push(entry(c, types, (None, status), Some(worker(on))));
     }
     entries
 }
