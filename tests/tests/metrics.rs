@@ -45,14 +45,27 @@ fn promtool_accepts_a_scrape_mid_run_and_the_counters_move() {
     let id = h
         .client()
         .submit(&NewContainer {
-            command: vec!["sleep".into(), "2".into()],
+            command: vec!["sleep".into(), "5".into()],
             priority: 1,
             ..Default::default()
         })
         .expect("submit")
         .id;
     h.wait_for_state(&id, ContainerState::Running, Duration::from_secs(60));
-    let mid = scrape(&h);
+    // The event stream can report the run before the start command's own answer, which is
+    // when queue-to-start is observed: the scrape waits for both.
+    let mut mid = String::new();
+    h.wait_for(
+        "a scrape with the start counted",
+        Duration::from_secs(10),
+        || {
+            mid = scrape(&h);
+            value(
+                &mid,
+                "dispatch_cloud_containers_queue_to_start_seconds_count",
+            ) == Some(1.0)
+        },
+    );
     let file = h.dir.path().join("scrape.txt");
     std::fs::write(&file, &mid).expect("write scrape");
     let out = std::process::Command::new(promtool())
